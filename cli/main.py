@@ -1,0 +1,94 @@
+"""`dovetail-onnx`: export, generate (and the commands users need around them)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from dovetail_onnx.runtime.errors import DovetailError
+
+
+class Command(click.Command):
+    """Every DovetailError becomes one line on stderr and exit status 1, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DovetailError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+
+
+@click.group()
+@click.version_option(package_name="dovetail-onnx")
+def main() -> None:
+    """Lossless speculative decoding: target LLM on the CPU, DGF drafter on the GPU, all in ONNX Runtime."""
+
+
+@main.command(cls=Command)
+@click.argument("target")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Artifact folder [default: artifacts/<target name>].")
+@click.option("--drafter", default="random", show_default=True,
+              help="Drafter folder (config.json + model.safetensors), a Dovetail/EAGLE pytorch_model.bin, or 'random'.")
+@click.option("--drafter-layers", type=click.IntRange(1, 6), default=1, show_default=True,
+              help="Layers of a random drafter.")
+@click.option("--top-k", type=int, default=10, show_default=True, help="Default tree top-k stored in the artifact.")
+@click.option("--depth", type=int, default=7, show_default=True, help="Default tree depth.")
+@click.option("--tree-tokens", type=int, default=16, show_default=True, help="Default tree size (root included).")
+def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens):
+    """Export TARGET (a Hugging Face folder or a .gguf file) and a drafter to ONNX."""
+    from dovetail_onnx.export.artifact import export_artifact  # torch lives only on this path
+    from dovetail_onnx.runtime.manifest import TreeSettings
+
+    output = output or Path("artifacts") / Path(target).stem
+    export_artifact(target, output, drafter, drafter_layers, TreeSettings(top_k, depth, tree_tokens))
+
+
+@main.command(cls=Command)
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", help="Prompt text.")
+@click.option("--prompt-file", type=click.File("r"), help="Read the prompt from a file.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@click.option("--mode", type=click.Choice(["speculative", "target-only"]), default="speculative", show_default=True)
+@click.option("--top-k", type=int, help="Tree top-k [default: the artifact's].")
+@click.option("--depth", type=int, help="Tree depth [default: the artifact's].")
+@click.option("--tree-tokens", type=int, help="Tree size, root included [default: the artifact's].")
+@click.option("--draft-device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--threads", type=int, help="Intra-op threads per session [default: ONNX Runtime's choice].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+def generate(artifact, prompt, prompt_file, max_new_tokens, raw, mode, top_k, depth, tree_tokens, draft_device,
+             threads, as_json):
+    """Generate from a prompt (--prompt, --prompt-file or stdin) with an exported ARTIFACT."""
+    from dataclasses import replace
+
+    from dovetail_onnx.runtime import Generator, GeneratorParams, Model
+    from dovetail_onnx.runtime.tokenizer import StreamDecoder
+
+    if prompt is None:
+        prompt = prompt_file.read() if prompt_file else (None if sys.stdin.isatty() else sys.stdin.read())
+    if not prompt:
+        raise DovetailError("no prompt: pass --prompt TEXT, --prompt-file F, or pipe text on stdin")
+    if max_new_tokens < 1:
+        raise DovetailError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    model = Model(artifact, draft_device=draft_device, threads=threads)
+    tree = model.manifest.tree
+    tree = replace(tree, **{k: v for k, v in (("top_k", top_k), ("depth", depth), ("total_tokens", tree_tokens)) if v is not None})
+    generator = Generator(model, GeneratorParams(max_new_tokens, mode, tree), model.encode_prompt(prompt, raw))
+    stream = StreamDecoder(model.tokenizer)
+    for new in generator:
+        piece = stream.push(new)
+        if not as_json:
+            click.echo(piece, nl=False)
+    stats = {**generator.stats.as_dict(), "draft_provider": model.drafter.session.get_providers()[0],
+             "target_provider": model.target.session.get_providers()[0], "mode": mode}
+    if as_json:
+        click.echo(json.dumps({"text": model.tokenizer.decode(generator.tokens), "token_ids": generator.tokens,
+                               "stats": stats}))
+    else:
+        click.echo()
+        click.echo(f"[{stats['new_tokens']} tokens, {stats['mean_accepted']} per target forward, "
+                   f"{stats['tokens_per_s']} tok/s, draft on {stats['draft_provider']}]", err=True)

@@ -1,0 +1,79 @@
+"""`dovetail-onnx export`: target + drafter → an artifact folder the runtime can load alone."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dovetail_onnx.export.drafter import Drafter, load_drafter, random_drafter
+from dovetail_onnx.export.drafter_export import export_drafter
+from dovetail_onnx.export.load import load_target
+from dovetail_onnx.export.target import dims_of, export_target
+from dovetail_onnx.runtime.manifest import FORMAT_VERSION, MANIFEST, TreeSettings, sha256_of
+
+MAX_TOP_K = 16
+
+
+def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a turn: config, generation config and tokenizer can each name some."""
+    found: set[int] = set()
+    for value in (model.config.eos_token_id, getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if value is not None:
+            found.update([value] if isinstance(value, int) else value)
+    return sorted(found)
+
+
+def build_manifest(model, tokenizer, drafter: Drafter, tree: TreeSettings, folder: Path) -> dict:
+    _, kv_heads, head_dim = dims_of(model.config)
+    c, d = model.config, drafter.config
+    files = ["target.onnx", "target.onnx.data", "drafter.onnx", "drafter.onnx.data", "tokenizer.json"]
+    return {
+        "format_version": FORMAT_VERSION,
+        "target": {"file": "target.onnx", "num_layers": c.num_hidden_layers, "kv_width": kv_heads * head_dim,
+                   "hidden_size": c.hidden_size, "vocab_size": c.vocab_size},
+        "drafter": {"file": "drafter.onnx", "num_layers": d.num_layers, "kv_width": d.num_key_value_heads * d.head_dim,
+                    "hidden_size": d.hidden_size, "vocab_size": d.vocab_size},
+        "max_top_k": MAX_TOP_K,
+        "fusion": d.fusion,
+        "architecture": type(model).__name__,
+        "eos_token_ids": eos_ids(model, tokenizer),
+        "special_tokens": {k: str(v) for k, v in (("bos_token", tokenizer.bos_token), ("eos_token", tokenizer.eos_token)) if v},
+        "chat_template": tokenizer.chat_template,
+        "context_length": c.max_position_embeddings,
+        "tree": {"top_k": tree.top_k, "depth": tree.depth, "total_tokens": tree.total_tokens},
+        "drafter_target": d.target,
+        "sha256": {name: sha256_of(folder / name) for name in files},
+    }
+
+
+def export_artifact(target: str | Path, out: Path, drafter: str, drafter_layers: int = 1,
+                    tree: TreeSettings = TreeSettings(), console: Console | None = None) -> dict:
+    """Write target.onnx, drafter.onnx, tokenizer files and dovetail.json into `out`."""
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    with console.status("loading target") as status:
+        model, tokenizer = load_target(target)
+        status.update("preparing drafter")
+        draft = make_drafter(drafter, drafter_layers, model, tokenizer, console)
+        out.mkdir(parents=True, exist_ok=True)
+        status.update("exporting target.onnx (and checking it against PyTorch)")
+        export_target(model, out / "target.onnx")
+        status.update("exporting drafter.onnx")
+        export_drafter(draft, out / "drafter.onnx", MAX_TOP_K)
+        status.update("writing tokenizer and manifest")
+        tokenizer.save_pretrained(out)
+        manifest = build_manifest(model, tokenizer, draft, tree, out)
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    console.print(f"exported {out} in {time.perf_counter() - started:.1f} s")
+    return manifest
+
+
+def make_drafter(spec: str, layers: int, model, tokenizer, console: Console) -> Drafter:
+    if spec == "random":
+        console.print(f"[yellow]warning:[/] untrained drafter ({layers} layers): output stays exact, but almost "
+                      "no draft token is accepted; use it for tests and smoke runs only")
+        return random_drafter(model, tokenizer, layers)
+    return load_drafter(Path(spec), model, tokenizer)

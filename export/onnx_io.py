@@ -1,0 +1,32 @@
+"""Small helpers shared by both graph exports: naming, torch.onnx.export, a plain ORT check run."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+
+def kv_names(layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}_{kind}.{i}" for i in range(layers) for kind in ("key", "value")]
+
+
+def export_graph(module: torch.nn.Module, example: tuple, path: Path, **kwargs) -> None:
+    """TorchScript exporter: our wrappers are plain tensor code, and it keeps the sizes symbolic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), example, str(path), opset_version=17, dynamo=False, **kwargs)
+    # Re-save with one external-data file beside the graph, so the artifact is two files a graph.
+    model = onnx.load(str(path))
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def run_graph(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))

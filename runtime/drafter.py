@@ -1,0 +1,109 @@
+"""The drafter graph on its device (CUDA when usable) and EAGLE-2 dynamic tree drafting.
+
+The drafter keeps its own KV cache on its device. Its "stable" rows are the accepted tokens, in
+step with the target's cache; tree nodes are written after them while drafting and simply
+overwritten by the next round, so nothing is ever copied back or compacted.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dovetail_onnx.runtime.buffers import Buffer, KVCache
+from dovetail_onnx.runtime.errors import DovetailError
+from dovetail_onnx.runtime.manifest import Manifest, TreeSettings
+from dovetail_onnx.runtime.sessions import open_session
+from dovetail_onnx.runtime.target import PREFILL_CHUNK, causal, check_io
+from dovetail_onnx.runtime.tree import Tree, additive
+
+
+class Drafter:
+    """Proposes a token tree from the target's features of the newly accepted tokens."""
+
+    def __init__(self, manifest: Manifest, device: str, threads: int | None):
+        self.spec = manifest.drafter
+        self.max_top_k = manifest.max_top_k
+        self.session, self.device = open_session(manifest.folder / self.spec.file, device, threads, "drafter")
+        check_io(self.session, self.spec, "drafter")
+
+    def start(self, capacity: int, settings: TreeSettings) -> None:
+        if settings.top_k > self.max_top_k:
+            raise DovetailError(f"--top-k {settings.top_k} is above the drafter graph's {self.max_top_k}; lower it or re-export")
+        rows = capacity + settings.depth * settings.top_k
+        self.kv = KVCache(self.spec.num_layers, self.spec.kv_width, rows, self.device)
+        width = max(PREFILL_CHUNK, settings.top_k)
+        # Two feature buffers: each step reads its parents' rows from the one the last step wrote.
+        self.features = [Buffer(width, self.spec.hidden_size, self.device) for _ in range(2)]
+        self.ids = Buffer(width, self.max_top_k, "cpu", np.int64)
+        self.logprobs = Buffer(width, self.max_top_k, "cpu")
+        self.binding = self.session.io_binding()
+        self.settings = settings
+
+    def _run(self, tokens, positions, mask, past: int, index: np.ndarray, features: np.ndarray | None, out: int):
+        """One drafter forward; features come from the host (`features`) or from buffer `1 - out`."""
+        seq = len(tokens)
+        b = self.binding
+        if features is None:
+            src = self.features[1 - out]
+            src.bind_input(b, "hidden_states", 0, [1, src.rows, self.spec.hidden_size])
+        else:
+            b.bind_cpu_input("hidden_states", np.ascontiguousarray(features, dtype=np.float32)[None])
+        b.bind_cpu_input("hidden_index", np.ascontiguousarray(index, dtype=np.int64))
+        b.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64)[None])
+        b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64)[None])
+        b.bind_cpu_input("attention_mask", mask)
+        self.kv.bind(b, past, seq)
+        self.features[out].bind_output(b, "out_hidden", 0, [1, seq, self.spec.hidden_size])
+        self.ids.bind_output(b, "topk_ids", 0, [1, seq, self.max_top_k])
+        self.logprobs.bind_output(b, "topk_logprobs", 0, [1, seq, self.max_top_k])
+        self.session.run_with_iobinding(b)
+        return self.ids.array[:seq], self.logprobs.array[:seq]
+
+    def propose(self, features: np.ndarray, tokens: np.ndarray) -> Tree:
+        """Extend the drafter's past with (feature_i, token_{i+1}) pairs, then grow a tree at `tokens[-1]`.
+
+        EAGLE-2: expand the `top_k` best nodes by cumulative log-prob at each of `depth` levels,
+        then keep the `total_tokens - 1` best candidates overall (a parent always outranks its child).
+        """
+        top_k, depth, total = self.settings.top_k, self.settings.depth, self.settings.total_tokens
+        out = 0
+        for start in range(0, len(tokens), PREFILL_CHUNK):
+            out = 1 - out
+            chunk = tokens[start : start + PREFILL_CHUNK]
+            base = self.kv.length
+            ids, logps = self._run(chunk, base + np.arange(len(chunk)), causal(len(chunk)), base,
+                                   np.arange(len(chunk)), features[start : start + len(chunk)], out)
+            self.kv.length += len(chunk)
+        stable = self.kv.length
+
+        # Candidate nodes (root excluded): token, parent (-1 = root), cumulative log-prob, draft KV slot.
+        cand_tokens = list(ids[-1, :top_k])
+        cand_parent = [-1] * top_k
+        cand_score = list(logps[-1, :top_k].astype(np.float64))
+        frontier = np.arange(top_k)
+        parent_rows = np.full(top_k, len(chunk) - 1)
+        slots = np.full(top_k, -1)
+        for level in range(1, depth):
+            out = 1 - out
+            past = stable + (level - 1) * top_k
+            slots[frontier] = past - stable + np.arange(top_k)
+            visible = np.zeros((top_k, past - stable + top_k), dtype=bool)
+            for row, node in enumerate(frontier):
+                while node >= 0:
+                    visible[row, slots[node]] = True
+                    node = cand_parent[node]
+            ids, logps = self._run(np.array(cand_tokens)[frontier], np.full(top_k, stable + level - 1),
+                                   additive(visible)[None, None], past, parent_rows, None, out)
+            scores = np.array(cand_score)[frontier][:, None] + logps[:, :top_k]
+            best = np.argsort(-scores.ravel(), kind="stable")[:top_k]
+            first = len(cand_tokens)
+            cand_tokens += list(ids[:, :top_k].ravel())
+            cand_parent += list(np.repeat(frontier, top_k))
+            cand_score += list(scores.ravel())
+            slots = np.concatenate((slots, np.full(top_k * top_k, -1)))
+            frontier = first + best
+            parent_rows = best // top_k
+
+        keep = np.sort(np.argsort(-np.array(cand_score), kind="stable")[: total - 1])
+        node_of = {-1: 0, **{int(c): i + 1 for i, c in enumerate(keep)}}
+        parents = [-1] + [node_of[cand_parent[c]] for c in keep]
+        return Tree(np.array([tokens[-1], *np.array(cand_tokens)[keep]], dtype=np.int64), np.array(parents))

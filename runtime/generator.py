@@ -1,0 +1,196 @@
+"""The public API: `Model` (an artifact loaded), `GeneratorParams`, `Generator`.
+
+The whole speculative loop is `_speculative` below: draft a tree, verify it in one target forward,
+accept the longest greedy path plus a bonus token, keep those rows of the KV caches, repeat.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from dovetail_onnx.runtime.drafter import Drafter
+from dovetail_onnx.runtime.errors import DovetailError
+from dovetail_onnx.runtime.manifest import TreeSettings, load_manifest
+from dovetail_onnx.runtime.target import Target
+from dovetail_onnx.runtime.tokenizer import Tokenizer
+from dovetail_onnx.runtime.verify import accept_greedy
+
+MODES = ("speculative", "target-only")
+
+
+class Model:
+    """An exported artifact: manifest, tokenizer, target session (CPU) and drafter session."""
+
+    def __init__(self, folder: str | Path, draft_device: str = "auto", threads: int | None = None,
+                 draft_threads: int | None = None, verify_checksums: bool = True):
+        self.manifest = load_manifest(folder, verify=verify_checksums)
+        self.tokenizer = Tokenizer(self.manifest.folder, self.manifest.chat_template, self.manifest.special_tokens)
+        self.target = Target(self.manifest, threads)
+        self.drafter = Drafter(self.manifest, draft_device, draft_threads or threads)
+
+    def encode_prompt(self, text: str, raw: bool = False) -> list[int]:
+        return self.tokenizer.encode(text) if raw else self.tokenizer.chat([{"role": "user", "content": text}])
+
+
+@dataclass
+class GeneratorParams:
+    max_new_tokens: int = 256
+    mode: str = "speculative"
+    tree: TreeSettings | None = None  # None: the artifact's defaults
+    stop_at_eos: bool = True
+
+    def check(self, model: Model, prompt_len: int) -> None:
+        if self.max_new_tokens < 1:
+            raise DovetailError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.mode not in MODES:
+            raise DovetailError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        t = self.tree
+        if t.top_k < 1 or t.depth < 1 or t.total_tokens < 2:
+            raise DovetailError(f"tree settings need top_k ≥ 1, depth ≥ 1, tree tokens ≥ 2; got {t}")
+        if prompt_len < 1:
+            raise DovetailError("the prompt is empty; give some text")
+        context = model.manifest.context_length
+        if prompt_len + self.max_new_tokens > context:
+            raise DovetailError(
+                f"prompt ({prompt_len} tokens) + --max-new-tokens ({self.max_new_tokens}) exceeds the model's "
+                f"context of {context} tokens; shorten the prompt or lower --max-new-tokens"
+            )
+
+
+@dataclass
+class Stats:
+    new_tokens: int = 0
+    target_forwards: int = 0  # decode forwards; the prefill is counted apart
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    accepted: list[int] = field(default_factory=list)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens per decode target forward (τ); the prefill's first token is not counted."""
+        return (self.new_tokens - 1) / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "new_tokens": self.new_tokens,
+            "target_forwards": self.target_forwards,
+            "mean_accepted": round(self.mean_accepted, 3),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "prefill_s": round(self.prefill_s, 4),
+            "decode_s": round(self.decode_s, 4),
+            "draft_s": round(self.draft_s, 4),
+            "verify_s": round(self.verify_s, 4),
+            "host_s": round(max(self.decode_s - self.draft_s - self.verify_s, 0.0), 4),
+        }
+
+
+class Generator:
+    """Step-wise generation in the manner of onnxruntime-genai: `generate_next_token()` until `is_done()`.
+
+    One step is one target forward, so it may append several tokens.
+    """
+
+    def __init__(self, model: Model, params: GeneratorParams, prompt: list[int]):
+        params = replace(params, tree=params.tree or model.manifest.tree)
+        params.check(model, len(prompt))
+        self.model, self.params, self.stats = model, params, Stats()
+        self.prompt = np.asarray(prompt, dtype=np.int64)
+        self.tokens: list[int] = []
+        self._done = False
+        loop = _speculative if params.mode == "speculative" else _target_only
+        self._steps = loop(model, self.prompt, params, self.stats)
+
+    def is_done(self) -> bool:
+        return self._done
+
+    def generate_next_token(self) -> list[int]:
+        """Run one step; returns the tokens it added (after EOS / max_new_tokens trimming)."""
+        if self._done:
+            return []
+        started = time.perf_counter()
+        new = next(self._steps)
+        elapsed = time.perf_counter() - started
+        if self.tokens or self.stats.prefill_s:
+            self.stats.decode_s += elapsed
+        else:
+            self.stats.prefill_s = elapsed
+        new = new[: self.params.max_new_tokens - len(self.tokens)]
+        eos = self.model.manifest.eos_token_ids
+        if self.params.stop_at_eos:
+            for i, token in enumerate(new):
+                if token in eos:
+                    new = new[: i + 1]
+                    self._done = True
+                    break
+        self.tokens += new
+        self.stats.new_tokens = len(self.tokens)
+        if len(self.tokens) >= self.params.max_new_tokens:
+            self._done = True
+        return new
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while not self.is_done():
+            yield self.generate_next_token()
+
+
+def generate(model: Model, prompt: list[int], params: GeneratorParams) -> tuple[list[int], Stats]:
+    generator = Generator(model, params, prompt)
+    for _ in generator:
+        pass
+    return generator.tokens, generator.stats
+
+
+def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stats: Stats) -> Iterator[list[int]]:
+    target, drafter, tree_settings = model.target, model.drafter, params.tree
+    capacity = len(prompt) + params.max_new_tokens + tree_settings.total_tokens
+    target.start(capacity, tree_settings.total_tokens)
+    drafter.start(capacity, tree_settings)
+
+    logits, features = target.prefill(prompt)
+    token = int(logits.argmax())
+    yield [token]
+    # The drafter reads (target feature of token i, token i+1): the prompt shifted by one.
+    next_tokens = np.append(prompt[1:], token)
+    while True:
+        t0 = time.perf_counter()
+        tree = drafter.propose(features, next_tokens)
+        t1 = time.perf_counter()
+        logits, hidden = target.forward(tree.tokens, target.kv.length + tree.depth, tree.mask())
+        t2 = time.perf_counter()
+        path, bonus = accept_greedy(tree, logits.argmax(axis=-1))
+        target.kv.keep(np.asarray(path))
+        features = hidden[path].copy()
+        next_tokens = np.append(tree.tokens[path[1:]], bonus)
+        stats.draft_s += t1 - t0
+        stats.verify_s += t2 - t1
+        stats.target_forwards += 1
+        stats.accepted.append(len(path))
+        yield next_tokens.tolist()
+
+
+def _target_only(model: Model, prompt: np.ndarray, params: GeneratorParams, stats: Stats) -> Iterator[list[int]]:
+    """Plain greedy decoding through the same target graph: the baseline for tests and benchmarks."""
+    target = model.target
+    target.start(len(prompt) + params.max_new_tokens, 1)
+    logits, _ = target.prefill(prompt)
+    token = int(logits.argmax())
+    yield [token]
+    visible = np.zeros((1, 1, 1, 1), dtype=np.float32)
+    while True:
+        t0 = time.perf_counter()
+        logits, _ = target.forward(np.array([token]), np.array([target.kv.length]), visible)
+        target.kv.keep(np.arange(1))
+        token = int(logits[0].argmax())
+        stats.verify_s += time.perf_counter() - t0
+        stats.target_forwards += 1
+        yield [token]

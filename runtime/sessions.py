@@ -1,0 +1,47 @@
+"""ONNX Runtime sessions, and the truth about which execution provider runs them.
+
+onnxruntime-gpu lists CUDAExecutionProvider even on machines without a GPU and then silently runs
+on the CPU, so the provider in use is read back from the session, never assumed.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import onnxruntime as ort
+
+from dovetail_onnx.runtime.errors import DovetailError
+
+DEVICES = ("auto", "cuda", "cpu")
+# ORT logs a provider-load failure as an error line; open_session reports fallbacks itself.
+ort.set_default_logger_severity(4)
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def open_session(path: Path, device: str, threads: int | None, role: str) -> tuple[ort.InferenceSession, str]:
+    """Return (session, device actually used: 'cuda' or 'cpu')."""
+    if device not in DEVICES:
+        raise DovetailError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+    want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; all mean a bad graph file
+        raise DovetailError(f"cannot load {path}: {str(exc).splitlines()[0]}; re-export the artifact") from exc
+    used = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+    if device == "cuda" and used != "cuda":
+        raise DovetailError(
+            f"{role} asked for CUDA but ONNX Runtime runs it on the CPU (no usable GPU, or CUDA/cuDNN libraries "
+            "missing for onnxruntime-gpu); fix the CUDA install or pass --draft-device cpu"
+        )
+    if device == "auto" and want_cuda and used != "cuda":
+        print(f"note: {role} fell back to the CPU: CUDA is listed by onnxruntime-gpu but no GPU is usable", file=sys.stderr)
+    return session, used

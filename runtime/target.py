@@ -1,0 +1,70 @@
+"""The target graph on the CPU execution provider, its KV cache and its output buffers."""
+from __future__ import annotations
+
+import numpy as np
+
+from dovetail_onnx.runtime.buffers import Buffer, KVCache
+from dovetail_onnx.runtime.errors import DovetailError
+from dovetail_onnx.runtime.manifest import Manifest
+from dovetail_onnx.runtime.sessions import open_session
+from dovetail_onnx.runtime.tree import additive
+
+# Long prompts are prefilled in chunks so logits buffers stay small (chunk × vocab floats).
+PREFILL_CHUNK = 128
+
+
+def causal(seq: int) -> np.ndarray:
+    return additive(np.tril(np.ones((seq, seq), dtype=bool)))[None, None]
+
+
+def check_io(session, spec, role: str) -> None:
+    """The manifest's dimensions must be the graph's: a swapped graph file is caught here."""
+    shapes = {o.name: o.shape for o in session.get_outputs()}
+    want = {"hidden_states" if role == "target" else "out_hidden": spec.hidden_size}
+    if role == "target":
+        want["logits"] = spec.vocab_size
+    for name, size in want.items():
+        if name not in shapes or shapes[name][-1] != size:
+            raise DovetailError(
+                f"{role} graph output {name} has shape {shapes.get(name)}, manifest says width {size}; re-export the artifact"
+            )
+
+
+class Target:
+    """One verify forward per call; the caller decides which new K/V rows to keep."""
+
+    def __init__(self, manifest: Manifest, threads: int | None):
+        self.spec = manifest.target
+        self.session, self.device = open_session(manifest.folder / self.spec.file, "cpu", threads, "target")
+        check_io(self.session, self.spec, "target")
+
+    def start(self, capacity: int, max_seq: int) -> None:
+        """Allocate this generation's buffers: KV for `capacity` positions, outputs for `max_seq` rows."""
+        self.kv = KVCache(self.spec.num_layers, self.spec.kv_width, capacity, "cpu")
+        self.rows = max(max_seq, PREFILL_CHUNK)
+        self.logits = Buffer(self.rows, self.spec.vocab_size, "cpu")
+        self.hidden = Buffer(self.rows, self.spec.hidden_size, "cpu")
+        self.binding = self.session.io_binding()
+
+    def forward(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run `tokens` after the kept past; returns views (logits [S, V], hidden [S, H]) valid until the next call."""
+        seq = len(tokens)
+        b = self.binding
+        b.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64)[None])
+        b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64)[None])
+        b.bind_cpu_input("attention_mask", mask)
+        self.kv.bind(b, self.kv.length, seq)
+        self.logits.bind_output(b, "logits", 0, [1, seq, self.spec.vocab_size])
+        self.hidden.bind_output(b, "hidden_states", 0, [1, seq, self.spec.hidden_size])
+        self.session.run_with_iobinding(b)
+        return self.logits.array[:seq], self.hidden.array[:seq]
+
+    def prefill(self, prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Process the prompt; returns (last logits [V], hidden states of every prompt token [n, H])."""
+        features = np.empty((len(prompt), self.spec.hidden_size), dtype=np.float32)
+        for start in range(0, len(prompt), PREFILL_CHUNK):
+            chunk = prompt[start : start + PREFILL_CHUNK]
+            logits, hidden = self.forward(chunk, np.arange(start, start + len(chunk)), causal(len(chunk)))
+            features[start : start + len(chunk)] = hidden
+            self.kv.keep(np.arange(len(chunk)))
+        return logits[-1].copy(), features
