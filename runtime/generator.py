@@ -42,6 +42,7 @@ class GeneratorParams:
     mode: str = "speculative"
     tree: TreeSettings | None = None  # None: the artifact's defaults
     stop_at_eos: bool = True
+    eos_token_ids: tuple[int, ...] | None = None  # None: the artifact's
 
     def check(self, model: Model, prompt_len: int) -> None:
         if self.max_new_tokens < 1:
@@ -101,7 +102,8 @@ class Generator:
     """
 
     def __init__(self, model: Model, params: GeneratorParams, prompt: list[int]):
-        params = replace(params, tree=params.tree or model.manifest.tree)
+        params = replace(params, tree=params.tree or model.manifest.tree,
+                         eos_token_ids=params.eos_token_ids or model.manifest.eos_token_ids)
         params.check(model, len(prompt))
         self.model, self.params, self.stats = model, params, Stats()
         self.prompt = np.asarray(prompt, dtype=np.int64)
@@ -125,10 +127,9 @@ class Generator:
         else:
             self.stats.prefill_s = elapsed
         new = new[: self.params.max_new_tokens - len(self.tokens)]
-        eos = self.model.manifest.eos_token_ids
         if self.params.stop_at_eos:
             for i, token in enumerate(new):
-                if token in eos:
+                if token in self.params.eos_token_ids:
                     new = new[: i + 1]
                     self._done = True
                     break

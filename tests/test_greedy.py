@@ -1,0 +1,39 @@
+"""Speculative and target-only greedy output equals transformers' greedy, token for token."""
+from __future__ import annotations
+
+import pytest
+
+from dovetail_onnx.runtime import GeneratorParams, TreeSettings, generate
+
+PROMPTS = ["hello world", "The quick brown fox jumps over", "1, 2, 3, 4,", "Speculative decoding is"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("chat", [False, True], ids=["raw", "chat"])
+def test_speculative_equals_transformers(kind, chat, models, references):
+    model = models[kind]
+    for text in PROMPTS:
+        prompt = model.encode_prompt(text, raw=not chat)
+        expected = references(kind, prompt, 48)
+        for mode in ("speculative", "target-only"):
+            tokens, stats = generate(model, prompt, GeneratorParams(max_new_tokens=48, mode=mode, stop_at_eos=False))
+            assert tokens == expected, (mode, text)
+            assert stats.new_tokens == 48
+
+
+@pytest.mark.parametrize("tree", [TreeSettings(1, 1, 2), TreeSettings(4, 3, 8), TreeSettings(16, 6, 40)])
+def test_any_tree_shape_is_lossless(tree, models, references):
+    prompt = models["llama"].encode_prompt("tree shapes", raw=True)
+    tokens, _ = generate(models["llama"], prompt, GeneratorParams(max_new_tokens=40, tree=tree, stop_at_eos=False))
+    assert tokens == references("llama", prompt, 40)
+
+
+@pytest.mark.parametrize("mode", ["speculative", "target-only"])
+def test_stops_at_eos_like_transformers(mode, models):
+    """Output stops right after the first EOS id, which it includes (as transformers does)."""
+    model = models["qwen2"]
+    prompt = model.encode_prompt("hello", raw=True)
+    full, _ = generate(model, prompt, GeneratorParams(max_new_tokens=60, stop_at_eos=False))
+    eos = full[10]
+    tokens, _ = generate(model, prompt, GeneratorParams(max_new_tokens=60, mode=mode, eos_token_ids=(eos,)))
+    assert tokens == full[: full.index(eos) + 1]

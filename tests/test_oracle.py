@@ -1,0 +1,61 @@
+"""An oracle drafter that knows the target's continuation exercises acceptance and KV compaction.
+
+A random drafter accepts almost nothing. This one puts the true continuation in the tree at varied
+depths, hidden among wrong siblings and wrong subtrees placed before it, so the accepted path is
+rarely the first branch and the kept K/V rows are rarely contiguous.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dovetail_onnx.runtime import GeneratorParams, generate
+from dovetail_onnx.runtime.tree import Tree
+
+
+class OracleDrafter:
+    """Same interface as runtime.drafter.Drafter: start(capacity, settings), propose(features, tokens)."""
+
+    def __init__(self, prompt: list[int], continuation: list[int], vocab: int, seed: int = 0):
+        self.sequence = prompt + continuation
+        self.vocab = vocab
+        self.rng = np.random.default_rng(seed)
+        self.device = "cpu"
+
+    def start(self, capacity, settings) -> None:
+        self.seen = 1  # tokens of `sequence` the runtime has handed over (the prompt's first is implicit)
+
+    def wrong(self, token: int) -> int:
+        return int((token + 1 + self.rng.integers(self.vocab - 1)) % self.vocab)
+
+    def propose(self, features: np.ndarray, tokens: np.ndarray) -> Tree:
+        assert np.array_equal(tokens, self.sequence[self.seen : self.seen + len(tokens)])
+        self.seen += len(tokens)
+        truth = self.sequence[self.seen : self.seen + int(self.rng.integers(2, 7))]
+        nodes, parents = [int(tokens[-1])], [-1]
+
+        def add(token: int, parent: int) -> int:
+            nodes.append(token)
+            parents.append(parent)
+            return len(nodes) - 1
+
+        parent = 0
+        for token in truth:
+            decoy = add(self.wrong(token), parent)  # a wrong sibling first, with a child of its own
+            add(self.wrong(token), decoy)
+            parent = add(token, parent)
+        add(self.wrong(0), parent)  # the path always ends in a wrong guess
+        return Tree(np.array(nodes, dtype=np.int64), np.array(parents))
+
+
+def test_oracle_accepts_many_tokens_and_stays_exact(models, references):
+    for kind, model in models.items():
+        prompt = model.encode_prompt("An oracle knows what comes next", raw=False)
+        expected = references(kind, prompt, 120)
+        saved = model.drafter
+        model.drafter = OracleDrafter(prompt, expected, model.manifest.target.vocab_size)
+        try:
+            tokens, stats = generate(model, prompt, GeneratorParams(max_new_tokens=120, stop_at_eos=False))
+        finally:
+            model.drafter = saved
+        assert tokens == expected
+        assert stats.mean_accepted >= 3.0, stats.as_dict()
