@@ -54,14 +54,14 @@ def attention(
     past = past_k.shape[1]
     keys = torch.cat((past_k.view(batch, past, num_kv_heads, head_dim).transpose(1, 2), k), dim=2)
     values = torch.cat((past_v.view(batch, past, num_kv_heads, head_dim).transpose(1, 2), v), dim=2)
+    # GQA without expanding K/V: the query heads sharing a KV head are stacked along the rows.
     groups = num_heads // num_kv_heads
-    if groups > 1:
-        keys = keys.repeat_interleave(groups, dim=1)
-        values = values.repeat_interleave(groups, dim=1)
+    q = q.reshape(batch, num_kv_heads, groups * seq, head_dim)
     scores = torch.matmul(q, keys.transpose(2, 3)) * head_dim**-0.5
-    scores = scores + full_mask(mask, keys.shape[2])
+    scores = scores + full_mask(mask, keys.shape[2]).repeat(1, 1, groups, 1)
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probs, values).transpose(1, 2).reshape(batch, seq, num_heads * head_dim)
+    out = torch.matmul(probs, values).view(batch, num_heads, seq, head_dim)
+    out = out.transpose(1, 2).reshape(batch, seq, num_heads * head_dim)
     return attn.o_proj(out), new_k, new_v
 
 
