@@ -38,13 +38,15 @@ def main() -> None:
 @click.option("--top-k", type=int, default=10, show_default=True, help="Default tree top-k stored in the artifact.")
 @click.option("--depth", type=int, default=7, show_default=True, help="Default tree depth.")
 @click.option("--tree-tokens", type=int, default=16, show_default=True, help="Default tree size (root included).")
-def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens):
+@click.option("--draft-vocab", type=click.IntRange(min=0), default=None,
+              help="Tokens the drafter head scores, most frequent first; 0 = all [default: the drafter's setting].")
+def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, draft_vocab):
     """Export TARGET (a Hugging Face folder or a .gguf file) and a drafter to ONNX."""
     from dovetail_onnx.export.artifact import export_artifact  # torch lives only on this path
     from dovetail_onnx.runtime.manifest import TreeSettings
 
     output = output or Path("artifacts") / Path(target).stem
-    export_artifact(target, output, drafter, drafter_layers, TreeSettings(top_k, depth, tree_tokens))
+    export_artifact(target, output, drafter, drafter_layers, TreeSettings(top_k, depth, tree_tokens), draft_vocab)
 
 
 @main.command(cls=Command)

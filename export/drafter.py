@@ -43,6 +43,9 @@ class DrafterConfig:
     max_position_embeddings: int
     vocab_size: int
     target: dict = field(default_factory=dict)
+    # Tokens the exported head scores (0: all). On a CPU the vocabulary-wide head dominates a draft
+    # step; the most frequent tokens of the target's own outputs keep almost all of the acceptance.
+    draft_vocab_size: int = 0
 
     @classmethod
     def for_target(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fusion: str, num_layers: int):
@@ -118,6 +121,14 @@ class Drafter(nn.Module):
         self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
         self.embed_tokens.requires_grad_(False)
         self.lm_head.requires_grad_(False)
+        # Token ids by falling frequency in the training data; without data, id order (BPE merge order).
+        self.token_ranking = torch.arange(config.vocab_size)
+
+    def draft_vocab(self, size: int) -> torch.Tensor | None:
+        """The ids a `size`-token draft head keeps (None: the whole vocabulary)."""
+        if not size or size >= self.config.vocab_size:
+            return None
+        return self.token_ranking[:size].sort().values
 
     def attach_target(self, target: PreTrainedModel) -> "Drafter":
         """Share the target's (frozen) embeddings and LM head."""
@@ -157,6 +168,7 @@ def save_drafter(drafter: Drafter, folder: Path, dtype: torch.dtype = torch.floa
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(asdict(drafter.config), indent=2) + "\n")
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in drafter.trained_state_dict().items()}
+    tensors["token_ranking"] = drafter.token_ranking.to(torch.int64).contiguous()
     save_file(tensors, str(folder / "model.safetensors"))
 
 
@@ -193,6 +205,8 @@ def load_drafter(source: Path, target: PreTrainedModel, tokenizer: PreTrainedTok
                 "use a drafter trained for this target"
             )
     drafter = Drafter(config)
+    if "token_ranking" in state:
+        drafter.token_ranking = state.pop("token_ranking").long()
     state = {k: v.float() for k, v in state.items()}
     missing, unexpected = drafter.load_state_dict(state, strict=False)
     # Layer 0's input norm is never used (first layer reads the fused input directly).

@@ -22,20 +22,24 @@ TOLERANCE = 1e-3
 
 
 class DrafterGraph(nn.Module):
-    def __init__(self, drafter: Drafter, max_top_k: int):
+    def __init__(self, drafter: Drafter, max_top_k: int, draft_vocab: int = 0):
         super().__init__()
         self.drafter = drafter
         self.max_top_k = max_top_k
+        vocab = drafter.draft_vocab(draft_vocab)
+        weight = drafter.lm_head.weight if vocab is None else drafter.lm_head.weight[vocab]
+        self.head = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.register_buffer("vocab_ids", torch.arange(weight.shape[0]) if vocab is None else vocab)
 
     def forward(self, hidden_states, hidden_index, input_ids, position_ids, attention_mask, *past):
         features = hidden_states[:, hidden_index]
         hidden, *new_kv = self.drafter(features, input_ids, position_ids, attention_mask, *past)
-        logprobs = torch.log_softmax(self.drafter.lm_head(hidden).float(), dim=-1)
-        values, ids = torch.topk(logprobs, self.max_top_k, dim=-1)
-        return (ids, values, hidden, *new_kv)
+        logprobs = torch.log_softmax(torch.matmul(hidden, self.head.t()).float(), dim=-1)
+        values, index = torch.topk(logprobs, self.max_top_k, dim=-1)
+        return (self.vocab_ids[index], values, hidden, *new_kv)
 
 
-def export_drafter(drafter: Drafter, path: Path, max_top_k: int) -> None:
+def export_drafter(drafter: Drafter, path: Path, max_top_k: int, draft_vocab: int = 0) -> None:
     config = drafter.config
     layers, width = config.num_layers, config.num_key_value_heads * config.head_dim
     past_len, seq = 3, 4
@@ -48,8 +52,9 @@ def export_drafter(drafter: Drafter, path: Path, max_top_k: int) -> None:
         *[torch.randn(1, past_len, width) for _ in range(2 * layers)],
     )
     past_names, new_names = kv_names(layers, "past"), kv_names(layers, "new")
+    graph = DrafterGraph(drafter, max_top_k, draft_vocab)
     export_graph(
-        DrafterGraph(drafter, max_top_k),
+        graph,
         example,
         path,
         input_names=["hidden_states", "hidden_index", "input_ids", "position_ids", "attention_mask", *past_names],
@@ -70,7 +75,7 @@ def export_drafter(drafter: Drafter, path: Path, max_top_k: int) -> None:
     out = run_graph(path, {k: v.numpy() for k, v in zip(
         ["hidden_states", "hidden_index", "input_ids", "position_ids", "attention_mask", *past_names], example)})
     with torch.no_grad():
-        ids, values, *_ = DrafterGraph(drafter, max_top_k)(*example)
+        ids, values, *_ = graph(*example)
     error = float(np.abs(out["topk_logprobs"] - values.numpy()).max())
     if not error <= TOLERANCE:
         raise DovetailError(f"exported drafter disagrees with PyTorch: max |Δlogprob| {error:.2e} > {TOLERANCE:g}")

@@ -37,3 +37,33 @@ def test_stops_at_eos_like_transformers(mode, models):
     eos = full[10]
     tokens, _ = generate(model, prompt, GeneratorParams(max_new_tokens=60, mode=mode, eos_token_ids=(eos,)))
     assert tokens == full[: full.index(eos) + 1]
+
+
+def test_truncated_draft_vocabulary_stays_lossless(hf_dirs, tmp_path, references):
+    """A drafter head over 40 tokens proposes only those ids; the output is still the target's."""
+    from rich.console import Console
+
+    from dovetail_onnx.export.artifact import export_artifact
+    from dovetail_onnx.runtime import Model
+
+    export_artifact(hf_dirs["llama"], tmp_path / "a", "random", 1, draft_vocab=40, console=Console(quiet=True))
+    model = Model(tmp_path / "a", draft_device="cpu")
+    prompt = model.encode_prompt("small head", raw=True)
+    model.drafter = Recording(model.drafter)
+    tokens, _ = generate(model, prompt, GeneratorParams(max_new_tokens=40, stop_at_eos=False))
+    assert tokens == references("llama", prompt, 40)
+    assert model.drafter.trees and all((tree.tokens[1:] < 40).all() for tree in model.drafter.trees)
+
+
+class Recording:
+    """Wraps a drafter and keeps every tree it proposes."""
+
+    def __init__(self, drafter):
+        self.drafter, self.trees = drafter, []
+
+    def start(self, *args) -> None:
+        self.drafter.start(*args)
+
+    def propose(self, *args):
+        self.trees.append(self.drafter.propose(*args))
+        return self.trees[-1]
