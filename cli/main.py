@@ -96,5 +96,67 @@ def generate(artifact, prompt, prompt_file, max_new_tokens, raw, mode, top_k, de
                    f"{stats['tokens_per_s']} tok/s, draft on {stats['draft_provider']}]", err=True)
 
 
+def int_list(ctx, param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected integers separated by commas, got {value!r}") from None
+
+
+@main.command(cls=Command)
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompts", "prompt_file", type=click.Path(path_type=Path), required=True,
+              help="Spec-Bench JSONL (turns[0] is the user message; the chat template is applied).")
+@click.option("--n", type=click.IntRange(min=1), help="Use the first N prompts.")
+@click.option("--max-new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--top-k", callback=int_list, help="Tree top-k, or a comma list to sweep [default: the artifact's].")
+@click.option("--depth", callback=int_list, help="Tree depth, or a comma list to sweep.")
+@click.option("--tree-tokens", callback=int_list, help="Tree size, or a comma list to sweep.")
+@click.option("--draft-device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--threads", type=int, help="Intra-op threads per session [default: ONNX Runtime's choice].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, draft_device, threads, as_json):
+    """Speculative vs target-only decoding speed on a prompt set, with exactness checked."""
+    import itertools
+
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from dovetail_onnx.runtime import Model, TreeSettings
+    from dovetail_onnx.runtime.bench import load_prompts, run_bench
+
+    prompts = load_prompts(prompt_file, n)
+    model = Model(artifact, draft_device=draft_device, threads=threads)
+    d = model.manifest.tree
+    trees = [TreeSettings(k, dp, t) for k, dp, t in
+             itertools.product(top_k or [d.top_k], depth or [d.depth], tree_tokens or [d.total_tokens])]
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"{len(prompts)} prompts × {len(trees) + 1} runs", total=len(prompts))
+        baseline, results = run_bench(model, prompts, max_new_tokens, trees, lambda: bar.advance(task))
+    summaries = [r.summary(baseline, len(prompts)) for r in results]
+    info = {"prompts": len(prompts), "max_new_tokens": max_new_tokens,
+            "draft_provider": model.drafter.session.get_providers()[0],
+            "target_provider": model.target.session.get_providers()[0]}
+    if as_json:
+        best = max(summaries, key=lambda s: s["speedup"])
+        click.echo(json.dumps({**info, **best, "runs": summaries,
+                               "per_prompt": [r.per_prompt for r in results]}))
+        return
+    table = Table(title=f"{prompt_file.name}: {len(prompts)} prompts × {max_new_tokens} tokens, "
+                        f"draft on {info['draft_provider']}")
+    for column in ("top_k", "depth", "tree", "τ", "tok/s", "baseline tok/s", "speedup", "identical",
+                   "draft ms", "verify ms", "host ms"):
+        table.add_column(column, justify="right")
+    for s in summaries:
+        step = s["ms_per_step"]
+        table.add_row(*map(str, (s["top_k"], s["depth"], s["tree_tokens"], s["mean_accepted"], s["tokens_per_s"],
+                                 s["baseline_tokens_per_s"], s["speedup"], f"{s['identical_count']}/{len(prompts)}",
+                                 step["draft"], step["verify"], step["host"])))
+    Console(width=None if sys.stdout.isatty() else 140).print(table)
+
+
 if __name__ == "__main__":
     main()

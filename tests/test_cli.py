@@ -55,3 +55,23 @@ def test_runtime_and_generate_without_torch(artifacts):
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["stats"]["new_tokens"] > 0
+
+
+def test_bench_reports_exact_outputs_and_sweeps(artifacts, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"question_id": 0, "turns": ["one"]}\n{"question_id": 1, "turns": ["two"]}\n')
+    result = CliRunner().invoke(main, ["bench", str(artifacts["qwen2"]), "--prompts", str(prompts), "--max-new-tokens",
+                                       "12", "--tree-tokens", "4,8", "--draft-device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["identical"] is True and out["prompts"] == 2
+    assert [run["tree_tokens"] for run in out["runs"]] == [4, 8]
+    for key in ("mean_accepted", "speedup", "tokens_per_s", "baseline_tokens_per_s"):
+        assert key in out
+
+
+def test_bench_rejects_a_bad_prompt_file(artifacts, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "no turns"}\n')
+    result = CliRunner().invoke(main, ["bench", str(artifacts["qwen2"]), "--prompts", str(bad)])
+    assert result.exit_code == 1 and "not a Spec-Bench line" in result.stderr

@@ -1,0 +1,92 @@
+"""`dovetail-onnx bench`: speculative vs target-only on Spec-Bench-style prompts, same graph, same threads."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dovetail_onnx.runtime.errors import DovetailError
+from dovetail_onnx.runtime.generator import GeneratorParams, Model, Stats, generate
+from dovetail_onnx.runtime.manifest import TreeSettings
+
+
+def load_prompts(path: Path, n: int | None) -> list[str]:
+    """`turns[0]` of each JSON line (`{"question_id", "turns": [...]}`)."""
+    if not path.is_file():
+        raise DovetailError(f"prompt file {path} does not exist")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            prompts.append(json.loads(line)["turns"][0])
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+            raise DovetailError(f"{path}:{number} is not a Spec-Bench line with a 'turns' list ({exc})") from exc
+    if not prompts:
+        raise DovetailError(f"{path} holds no prompts")
+    return prompts[:n] if n else prompts
+
+
+@dataclass
+class Totals:
+    """Decode-only sums: the prefill is the same work in both modes and is left out."""
+
+    tokens: int = 0
+    forwards: int = 0
+    decode_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    def add(self, stats: Stats) -> None:
+        self.tokens += stats.new_tokens - 1
+        self.forwards += stats.target_forwards
+        self.decode_s += stats.decode_s
+        self.draft_s += stats.draft_s
+        self.verify_s += stats.verify_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass
+class Result:
+    tree: TreeSettings
+    speculative: Totals = field(default_factory=Totals)
+    identical: int = 0
+    per_prompt: list[dict] = field(default_factory=list)
+
+    def summary(self, baseline: Totals, prompts: int) -> dict:
+        spec = self.speculative
+        steps = max(spec.forwards, 1)
+        return {
+            "top_k": self.tree.top_k, "depth": self.tree.depth, "tree_tokens": self.tree.total_tokens,
+            "mean_accepted": round(spec.tokens / steps, 3),
+            "tokens_per_s": round(spec.tokens_per_s, 2),
+            "baseline_tokens_per_s": round(baseline.tokens_per_s, 2),
+            "speedup": round(spec.tokens_per_s / baseline.tokens_per_s, 3) if baseline.tokens_per_s else 0.0,
+            "identical": self.identical == prompts,
+            "identical_count": self.identical,
+            "ms_per_step": {"draft": round(1000 * spec.draft_s / steps, 2), "verify": round(1000 * spec.verify_s / steps, 2),
+                            "host": round(1000 * (spec.decode_s - spec.draft_s - spec.verify_s) / steps, 2)},
+        }
+
+
+def run_bench(model: Model, prompts: list[str], max_new_tokens: int, trees: list[TreeSettings],
+              progress=lambda: None) -> tuple[Totals, list[Result]]:
+    """Each prompt: target-only once, then speculative once per tree setting; outputs must match."""
+    warm = model.encode_prompt(prompts[0])
+    for tree in trees:
+        generate(model, warm, GeneratorParams(max_new_tokens=8, tree=tree))
+    baseline, results = Totals(), [Result(tree) for tree in trees]
+    for text in prompts:
+        prompt = model.encode_prompt(text)
+        expected, stats = generate(model, prompt, GeneratorParams(max_new_tokens, mode="target-only"))
+        baseline.add(stats)
+        for result in results:
+            tokens, stats = generate(model, prompt, GeneratorParams(max_new_tokens, tree=result.tree))
+            result.speculative.add(stats)
+            result.identical += tokens == expected
+            result.per_prompt.append({"prompt_tokens": len(prompt), **stats.as_dict(), "identical": tokens == expected})
+        progress()
+    return baseline, results
