@@ -5,6 +5,8 @@ right after it, so no K/V row is copied between steps.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnxruntime as ort
 
@@ -30,7 +32,7 @@ class Buffer:
         binding.bind_output(name, self.device, 0, self.dtype, shape, self._at(start, shape))
 
     def _at(self, start: int, shape: list[int]) -> int:
-        if start * self.width + int(np.prod(shape)) > self.rows * self.width:
+        if start * self.width + math.prod(shape) > self.rows * self.width:
             raise RuntimeError(f"buffer overflow: rows {start}+{shape} past {self.rows}")
         return self.ptr + start * self.width * self.dtype.itemsize
 
