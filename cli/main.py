@@ -158,5 +158,32 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, d
     Console(width=None if sys.stdout.isatty() else 140).print(table)
 
 
+@main.command(cls=Command)
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("target")
+@click.option("--prompts", "prompt_file", type=click.Path(path_type=Path), required=True,
+              help="Spec-Bench JSONL (turns[0] is the user message).")
+@click.option("--n", type=click.IntRange(min=1), help="Use the first N prompts.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--mode", type=click.Choice(["speculative", "target-only"]), default="speculative", show_default=True)
+def check(artifact, target, prompt_file, n, max_new_tokens, mode):
+    """Compare ARTIFACT's greedy output with transformers' generate on TARGET (needs the export extras)."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from dovetail_onnx.export.check import check_against_transformers
+    from dovetail_onnx.runtime.bench import load_prompts
+
+    prompts = load_prompts(prompt_file, n)
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("comparing with transformers", total=len(prompts))
+        rows = check_against_transformers(artifact, target, prompts, max_new_tokens, mode, lambda: bar.advance(task))
+    same = sum(row["identical"] for row in rows)
+    click.echo(f"{same}/{len(rows)} prompts identical to transformers' greedy output "
+               f"({max_new_tokens} new tokens at most, {mode})")
+    if same != len(rows):
+        raise DovetailError(f"{len(rows) - same} prompts differ from transformers; re-export, or report the model")
+
+
 if __name__ == "__main__":
     main()

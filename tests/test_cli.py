@@ -75,3 +75,12 @@ def test_bench_rejects_a_bad_prompt_file(artifacts, tmp_path):
     bad.write_text('{"question": "no turns"}\n')
     result = CliRunner().invoke(main, ["bench", str(artifacts["qwen2"]), "--prompts", str(bad)])
     assert result.exit_code == 1 and "not a Spec-Bench line" in result.stderr
+
+
+def test_check_against_transformers(artifacts, hf_dirs, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["check me"]}\n{"turns": ["and me"]}\n')
+    result = CliRunner().invoke(main, ["check", str(artifacts["qwen2"]), str(hf_dirs["qwen2"]), "--prompts", str(prompts),
+                                       "--max-new-tokens", "20"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "2/2 prompts identical" in result.stdout
