@@ -40,13 +40,16 @@ def main() -> None:
 @click.option("--tree-tokens", type=int, default=16, show_default=True, help="Default tree size (root included).")
 @click.option("--draft-vocab", type=click.IntRange(min=0), default=None,
               help="Tokens the drafter head scores, most frequent first; 0 = all [default: the drafter's setting].")
-def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, draft_vocab):
+@click.option("--drafter-precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="int8: ONNX Runtime dynamic quantization of the drafter, for drafting on a CPU.")
+def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, draft_vocab, drafter_precision):
     """Export TARGET (a Hugging Face folder or a .gguf file) and a drafter to ONNX."""
     from dovetail_onnx.export.artifact import export_artifact  # torch lives only on this path
     from dovetail_onnx.runtime.manifest import TreeSettings
 
     output = output or Path("artifacts") / Path(target).stem
-    export_artifact(target, output, drafter, drafter_layers, TreeSettings(top_k, depth, tree_tokens), draft_vocab)
+    export_artifact(target, output, drafter, drafter_layers, TreeSettings(top_k, depth, tree_tokens), draft_vocab,
+                    drafter_precision)
 
 
 @main.command(cls=Command)

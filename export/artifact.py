@@ -26,7 +26,8 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[
     return sorted(found)
 
 
-def build_manifest(model, tokenizer, drafter: Drafter, tree: TreeSettings, draft_vocab: int, folder: Path) -> dict:
+def build_manifest(model, tokenizer, drafter: Drafter, tree: TreeSettings, draft_vocab: int, precision: str,
+                   folder: Path) -> dict:
     _, kv_heads, head_dim = dims_of(model.config)
     c, d = model.config, drafter.config
     files = ["target.onnx", "target.onnx.data", "drafter.onnx", "drafter.onnx.data", "tokenizer.json"]
@@ -39,6 +40,7 @@ def build_manifest(model, tokenizer, drafter: Drafter, tree: TreeSettings, draft
         "max_top_k": MAX_TOP_K,
         "fusion": d.fusion,
         "draft_vocab_size": draft_vocab or c.vocab_size,
+        "drafter_precision": precision,
         "architecture": type(model).__name__,
         "eos_token_ids": eos_ids(model, tokenizer),
         "special_tokens": {k: str(v) for k, v in (("bos_token", tokenizer.bos_token), ("eos_token", tokenizer.eos_token)) if v},
@@ -52,10 +54,11 @@ def build_manifest(model, tokenizer, drafter: Drafter, tree: TreeSettings, draft
 
 def export_artifact(target: str | Path, out: Path, drafter: str, drafter_layers: int = 1,
                     tree: TreeSettings = TreeSettings(), draft_vocab: int | None = None,
-                    console: Console | None = None) -> dict:
+                    drafter_precision: str = "fp32", console: Console | None = None) -> dict:
     """Write target.onnx, drafter.onnx, tokenizer files and dovetail.json into `out`.
 
     `draft_vocab`: tokens the drafter's head scores (0: all; None: the drafter's own setting).
+    `drafter_precision`: fp32, or int8 (dynamic quantization: for drafting on a CPU).
     """
     console = console or Console(stderr=True)
     started = time.perf_counter()
@@ -68,10 +71,10 @@ def export_artifact(target: str | Path, out: Path, drafter: str, drafter_layers:
         export_target(model, out / "target.onnx")
         status.update("exporting drafter.onnx")
         draft_vocab = draft.config.draft_vocab_size if draft_vocab is None else draft_vocab
-        export_drafter(draft, out / "drafter.onnx", MAX_TOP_K, draft_vocab)
+        export_drafter(draft, out / "drafter.onnx", MAX_TOP_K, draft_vocab, drafter_precision)
         status.update("writing tokenizer and manifest")
         tokenizer.save_pretrained(out)
-        manifest = build_manifest(model, tokenizer, draft, tree, draft_vocab, out)
+        manifest = build_manifest(model, tokenizer, draft, tree, draft_vocab, drafter_precision, out)
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     console.print(f"exported {out} in {time.perf_counter() - started:.1f} s")
     return manifest
