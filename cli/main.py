@@ -31,8 +31,9 @@ def main() -> None:
 @click.argument("target")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Artifact folder [default: artifacts/<target name>].")
-@click.option("--drafter", default="random", show_default=True,
-              help="Drafter folder (config.json + model.safetensors), a Dovetail/EAGLE pytorch_model.bin, or 'random'.")
+@click.option("--drafter", default=None,
+              help="Drafter folder (config.json + model.safetensors), a Dovetail/EAGLE pytorch_model.bin, or 'random' "
+                   "[default: the shipped drafter trained for TARGET].")
 @click.option("--drafter-layers", type=click.IntRange(1, 6), default=1, show_default=True,
               help="Layers of a random drafter.")
 @click.option("--top-k", type=int, default=10, show_default=True, help="Default tree top-k stored in the artifact.")

@@ -8,13 +8,15 @@ from pathlib import Path
 from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dovetail_onnx.export.drafter import Drafter, load_drafter, random_drafter
+from dovetail_onnx.export.drafter import Drafter, load_drafter, random_drafter, target_fingerprint
 from dovetail_onnx.export.drafter_export import export_drafter
 from dovetail_onnx.export.load import load_target
 from dovetail_onnx.export.target import dims_of, export_target
+from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.manifest import FORMAT_VERSION, MANIFEST, TreeSettings, sha256_of
 
 MAX_TOP_K = 16
+SHIPPED = Path(__file__).parent / "drafters"
 
 
 def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -52,7 +54,7 @@ def build_manifest(model, tokenizer, drafter: Drafter, tree: TreeSettings, draft
     }
 
 
-def export_artifact(target: str | Path, out: Path, drafter: str, drafter_layers: int = 1,
+def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_layers: int = 1,
                     tree: TreeSettings = TreeSettings(), draft_vocab: int | None = None,
                     drafter_precision: str = "fp32", console: Console | None = None) -> dict:
     """Write target.onnx, drafter.onnx, tokenizer files and dovetail.json into `out`.
@@ -80,7 +82,24 @@ def export_artifact(target: str | Path, out: Path, drafter: str, drafter_layers:
     return manifest
 
 
-def make_drafter(spec: str, layers: int, model, tokenizer, console: Console) -> Drafter:
+def shipped_drafter(model, tokenizer) -> Path:
+    """The drafter shipped in this package that was trained for this very target."""
+    fingerprint = target_fingerprint(model, tokenizer)
+    for config in sorted(SHIPPED.glob("*/config.json")):
+        if json.loads(config.read_text()).get("target") == fingerprint:
+            return config.parent
+    raise DovetailError(
+        f"no shipped drafter matches this target ({fingerprint['architecture']}, hidden {fingerprint['hidden_size']}, "
+        f"vocab {fingerprint['vocab_size']}); train one with `dovetail-onnx train TARGET -o DIR` and pass "
+        "--drafter DIR (or --drafter random for a smoke run)"
+    )
+
+
+def make_drafter(spec: str | None, layers: int, model, tokenizer, console: Console) -> Drafter:
+    if spec is None:
+        folder = shipped_drafter(model, tokenizer)
+        console.print(f"drafter: shipped {folder.name}")
+        return load_drafter(folder, model, tokenizer)
     if spec == "random":
         console.print(f"[yellow]warning:[/] untrained drafter ({layers} layers): output stays exact, but almost "
                       "no draft token is accepted; use it for tests and smoke runs only")
