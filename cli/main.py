@@ -7,18 +7,8 @@ from pathlib import Path
 
 import click
 
+from dovetail_onnx.cli.command import Command
 from dovetail_onnx.runtime.errors import DovetailError
-
-
-class Command(click.Command):
-    """Every DovetailError becomes one line on stderr and exit status 1, never a traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except DovetailError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(1)
 
 
 @click.group()
