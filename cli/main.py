@@ -53,15 +53,20 @@ def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, d
 @click.option("--top-k", type=int, help="Tree top-k [default: the artifact's].")
 @click.option("--depth", type=int, help="Tree depth [default: the artifact's].")
 @click.option("--tree-tokens", type=int, help="Tree size, root included [default: the artifact's].")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--sample-top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest (0 = all).")
+@click.option("--seed", type=int, help="Sampling seed.")
+@click.option("--ignore-eos", is_flag=True, help="Generate --max-new-tokens tokens even past an end-of-turn token.")
 @click.option("--draft-device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--threads", type=int, help="Intra-op threads per session [default: ONNX Runtime's choice].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(artifact, prompt, prompt_file, max_new_tokens, raw, mode, top_k, depth, tree_tokens, draft_device,
-             threads, as_json):
+def generate(artifact, prompt, prompt_file, max_new_tokens, raw, mode, top_k, depth, tree_tokens, temperature, top_p,
+             sample_top_k, seed, ignore_eos, draft_device, threads, as_json):
     """Generate from a prompt (--prompt, --prompt-file or stdin) with an exported ARTIFACT."""
     from dataclasses import replace
 
-    from dovetail_onnx.runtime import Generator, GeneratorParams, Model
+    from dovetail_onnx.runtime import Generator, GeneratorParams, Model, SamplingParams
     from dovetail_onnx.runtime.tokenizer import StreamDecoder
 
     if prompt is None:
@@ -70,10 +75,13 @@ def generate(artifact, prompt, prompt_file, max_new_tokens, raw, mode, top_k, de
         raise DovetailError("no prompt: pass --prompt TEXT, --prompt-file F, or pipe text on stdin")
     if max_new_tokens < 1:
         raise DovetailError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    sampling = SamplingParams(temperature, top_p, sample_top_k, seed)
+    sampling.check()
     model = Model(artifact, draft_device=draft_device, threads=threads)
     tree = model.manifest.tree
     tree = replace(tree, **{k: v for k, v in (("top_k", top_k), ("depth", depth), ("total_tokens", tree_tokens)) if v is not None})
-    generator = Generator(model, GeneratorParams(max_new_tokens, mode, tree), model.encode_prompt(prompt, raw))
+    params = GeneratorParams(max_new_tokens, mode, tree, stop_at_eos=not ignore_eos, sampling=sampling)
+    generator = Generator(model, params, model.encode_prompt(prompt, raw))
     stream = StreamDecoder(model.tokenizer)
     for new in generator:
         piece = stream.push(new)

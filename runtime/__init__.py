@@ -3,5 +3,7 @@
 from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.generator import Generator, GeneratorParams, Model, Stats, generate
 from dovetail_onnx.runtime.manifest import TreeSettings
+from dovetail_onnx.runtime.sampling import SamplingParams
 
-__all__ = ["DovetailError", "Generator", "GeneratorParams", "Model", "Stats", "TreeSettings", "generate"]
+__all__ = ["DovetailError", "Generator", "GeneratorParams", "Model", "SamplingParams", "Stats", "TreeSettings",
+           "generate"]

@@ -15,9 +15,10 @@ import numpy as np
 from dovetail_onnx.runtime.drafter import Drafter
 from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.manifest import TreeSettings, load_manifest
+from dovetail_onnx.runtime.sampling import SamplingParams
 from dovetail_onnx.runtime.target import Target
 from dovetail_onnx.runtime.tokenizer import Tokenizer
-from dovetail_onnx.runtime.verify import accept_greedy
+from dovetail_onnx.runtime.verify import accept_greedy, accept_sampled
 
 MODES = ("speculative", "target-only")
 
@@ -43,12 +44,14 @@ class GeneratorParams:
     tree: TreeSettings | None = None  # None: the artifact's defaults
     stop_at_eos: bool = True
     eos_token_ids: tuple[int, ...] | None = None  # None: the artifact's
+    sampling: SamplingParams = SamplingParams()  # greedy unless a temperature is set
 
     def check(self, model: Model, prompt_len: int) -> None:
         if self.max_new_tokens < 1:
             raise DovetailError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.mode not in MODES:
             raise DovetailError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        self.sampling.check()
         t = self.tree
         if t.top_k < 1 or t.depth < 1 or t.total_tokens < 2:
             raise DovetailError(f"tree settings need top_k ≥ 1, depth ≥ 1, tree tokens ≥ 2; got {t}")
@@ -152,13 +155,14 @@ def generate(model: Model, prompt: list[int], params: GeneratorParams) -> tuple[
 
 
 def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stats: Stats) -> Iterator[list[int]]:
-    target, drafter, tree_settings = model.target, model.drafter, params.tree
+    target, drafter, tree_settings, sampling = model.target, model.drafter, params.tree, params.sampling
+    rng = np.random.default_rng(sampling.seed)
     capacity = len(prompt) + params.max_new_tokens + tree_settings.total_tokens
     target.start(capacity, tree_settings.total_tokens)
     drafter.start(capacity, tree_settings)
 
     logits, features = target.prefill(prompt)
-    token = int(logits.argmax())
+    token = _pick(logits[None], sampling, rng)
     yield [token]
     # The drafter reads (target feature of token i, token i+1): the prompt shifted by one.
     next_tokens = np.append(prompt[1:], token)
@@ -168,7 +172,10 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
         t1 = time.perf_counter()
         logits, hidden = target.forward(tree.tokens, target.kv.length + tree.depth, tree.mask())
         t2 = time.perf_counter()
-        path, bonus = accept_greedy(tree, logits.argmax(axis=-1))
+        if sampling.greedy:
+            path, bonus = accept_greedy(tree, logits.argmax(axis=-1))
+        else:
+            path, bonus = accept_sampled(tree, sampling.probs(logits), rng)
         target.kv.keep(np.asarray(path))
         features = hidden[path].copy()
         next_tokens = np.append(tree.tokens[path[1:]], bonus)
@@ -180,18 +187,27 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
 
 
 def _target_only(model: Model, prompt: np.ndarray, params: GeneratorParams, stats: Stats) -> Iterator[list[int]]:
-    """Plain greedy decoding through the same target graph: the baseline for tests and benchmarks."""
-    target = model.target
+    """Plain decoding through the same target graph: the baseline for tests and benchmarks."""
+    target, sampling = model.target, params.sampling
+    rng = np.random.default_rng(sampling.seed)
     target.start(len(prompt) + params.max_new_tokens, 1)
     logits, _ = target.prefill(prompt)
-    token = int(logits.argmax())
+    token = _pick(logits[None], sampling, rng)
     yield [token]
     visible = np.zeros((1, 1, 1, 1), dtype=np.float32)
     while True:
         t0 = time.perf_counter()
         logits, _ = target.forward(np.array([token]), np.array([target.kv.length]), visible)
         target.kv.keep(np.arange(1))
-        token = int(logits[0].argmax())
+        token = _pick(logits, sampling, rng)
         stats.verify_s += time.perf_counter() - t0
         stats.target_forwards += 1
         yield [token]
+
+
+def _pick(logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator) -> int:
+    """The target's own next token from one row of logits: argmax, or a draw from its distribution."""
+    if sampling.greedy:
+        return int(logits[0].argmax())
+    p = sampling.probs(logits)[0]
+    return int(rng.choice(len(p), p=p))
