@@ -36,11 +36,13 @@ def attention(
     past_k: torch.Tensor,
     past_v: torch.Tensor,
     mask: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
+    dims: tuple[int, int, int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GQA self-attention with RoPE; returns (output, new_k, new_v), new K/V sequence-major."""
+    """GQA self-attention with RoPE; returns (output, new_k, new_v), new K/V sequence-major.
+
+    `dims` is (query heads, KV heads, head dim).
+    """
+    num_heads, num_kv_heads, head_dim = dims
     batch, seq = x.shape[0], x.shape[1]
     q = attn.q_proj(x).view(batch, seq, num_heads, head_dim).transpose(1, 2)
     k = attn.k_proj(x).view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
@@ -78,7 +80,7 @@ def decoder_layer(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pre-norm Llama/Qwen2 layer; `norm_input=False` is EAGLE's and Dovetail's first drafter layer."""
     h = layer.input_layernorm(x) if norm_input else x
-    h, new_k, new_v = attention(layer.self_attn, h, cos, sin, past_k, past_v, mask, *dims)
+    h, new_k, new_v = attention(layer.self_attn, h, cos, sin, past_k, past_v, mask, dims)
     x = x + h
     x = x + layer.mlp(layer.post_attention_layernorm(x))
     return x, new_k, new_v
