@@ -63,6 +63,8 @@ class Drafter:
 
         EAGLE-2: expand the `top_k` best nodes by cumulative log-prob at each of `depth` levels,
         then keep the `total_tokens - 1` best candidates overall (a parent always outranks its child).
+        Expansion stops early once no frontier node outscores the current cut: its descendants
+        could not enter the tree, so the tree is the same with fewer drafter calls.
         """
         top_k, depth, total = self.settings.top_k, self.settings.depth, self.settings.total_tokens
         out = 0
@@ -83,6 +85,10 @@ class Drafter:
         parent_rows = np.full(top_k, len(chunk) - 1)
         slots = np.full(top_k, -1)
         for level in range(1, depth):
+            if len(cand_score) >= total - 1:
+                cut = -np.partition(-np.array(cand_score), total - 2)[total - 2]
+                if np.array(cand_score)[frontier].max() <= cut:
+                    break
             out = 1 - out
             past = stable + (level - 1) * top_k
             slots[frontier] = past - stable + np.arange(top_k)
