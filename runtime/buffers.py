@@ -11,6 +11,8 @@ import numpy as np
 import onnxruntime as ort
 
 FLOAT = np.dtype(np.float32)
+# Long inputs (prompts) run in chunks of this many rows, so output buffers stay small (rows × vocab).
+PREFILL_CHUNK = 128
 
 
 class Buffer:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from dovetail_onnx.runtime.buffers import Buffer, KVCache
+from dovetail_onnx.runtime.buffers import PREFILL_CHUNK, Buffer, KVCache
 from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.manifest import Manifest, TreeSettings
-from dovetail_onnx.runtime.sessions import open_session
-from dovetail_onnx.runtime.target import PREFILL_CHUNK, causal, check_io
-from dovetail_onnx.runtime.tree import Tree, additive
+from dovetail_onnx.runtime.sessions import check_io, open_session
+from dovetail_onnx.runtime.tree import Tree, additive, causal
 
 
 class Drafter:

@@ -45,3 +45,16 @@ def open_session(path: Path, device: str, threads: int | None, role: str) -> tup
     if device == "auto" and want_cuda and used != "cuda":
         print(f"note: {role} fell back to the CPU: CUDA is listed by onnxruntime-gpu but no GPU is usable", file=sys.stderr)
     return session, used
+
+
+def check_io(session, spec, role: str) -> None:
+    """The manifest's dimensions must be the graph's: a swapped graph file is caught here."""
+    shapes = {o.name: o.shape for o in session.get_outputs()}
+    want = {"hidden_states" if role == "target" else "out_hidden": spec.hidden_size}
+    if role == "target":
+        want["logits"] = spec.vocab_size
+    for name, size in want.items():
+        if name not in shapes or shapes[name][-1] != size:
+            raise DovetailError(
+                f"{role} graph output {name} has shape {shapes.get(name)}, manifest says width {size}; re-export the artifact"
+            )

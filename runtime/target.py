@@ -3,31 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from dovetail_onnx.runtime.buffers import Buffer, KVCache
-from dovetail_onnx.runtime.errors import DovetailError
+from dovetail_onnx.runtime.buffers import PREFILL_CHUNK, Buffer, KVCache
 from dovetail_onnx.runtime.manifest import Manifest
-from dovetail_onnx.runtime.sessions import open_session
-from dovetail_onnx.runtime.tree import additive
-
-# Long prompts are prefilled in chunks so logits buffers stay small (chunk × vocab floats).
-PREFILL_CHUNK = 128
-
-
-def causal(seq: int) -> np.ndarray:
-    return additive(np.tril(np.ones((seq, seq), dtype=bool)))[None, None]
-
-
-def check_io(session, spec, role: str) -> None:
-    """The manifest's dimensions must be the graph's: a swapped graph file is caught here."""
-    shapes = {o.name: o.shape for o in session.get_outputs()}
-    want = {"hidden_states" if role == "target" else "out_hidden": spec.hidden_size}
-    if role == "target":
-        want["logits"] = spec.vocab_size
-    for name, size in want.items():
-        if name not in shapes or shapes[name][-1] != size:
-            raise DovetailError(
-                f"{role} graph output {name} has shape {shapes.get(name)}, manifest says width {size}; re-export the artifact"
-            )
+from dovetail_onnx.runtime.sessions import check_io, open_session
+from dovetail_onnx.runtime.tree import causal
 
 
 class Target:

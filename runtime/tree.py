@@ -13,6 +13,10 @@ def additive(visible: np.ndarray) -> np.ndarray:
     return np.where(visible, np.float32(0.0), MASKED).astype(np.float32)
 
 
+def causal(seq: int) -> np.ndarray:
+    return additive(np.tril(np.ones((seq, seq), dtype=bool)))[None, None]
+
+
 @dataclass
 class Tree:
     tokens: np.ndarray  # [N] int64
