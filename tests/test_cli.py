@@ -84,3 +84,29 @@ def test_check_against_transformers(artifacts, hf_dirs, tmp_path):
                                        "--max-new-tokens", "20"])
     assert result.exit_code == 0, (result.output, result.exception)
     assert "2/2 prompts identical" in result.stdout
+
+
+def cuda_usable(artifact) -> bool:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    session = ort.InferenceSession(str(artifact / "drafter.onnx"), providers=["CUDAExecutionProvider"])
+    return session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+def test_cuda_fallback_is_reported_never_silent(artifacts):
+    """onnxruntime-gpu runs on the CPU when no GPU is usable: `auto` says so, `cuda` refuses."""
+    import onnxruntime as ort
+    import pytest
+
+    if cuda_usable(artifacts["llama"]):
+        pytest.skip("a GPU is usable here")
+    args = ["generate", str(artifacts["llama"]), "--prompt", "hi", "--max-new-tokens", "4", "--json"]
+    result = CliRunner().invoke(main, args + ["--draft-device", "auto"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["stats"]["draft_provider"] == "CPUExecutionProvider"
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert "drafter fell back to the CPU" in result.stderr
+    result = CliRunner().invoke(main, args + ["--draft-device", "cuda"])
+    assert result.exit_code == 1 and "asked for CUDA but ONNX Runtime runs it on the CPU" in result.stderr
