@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import onnxruntime as ort
+import pytest
 from click.testing import CliRunner
 
 from dovetail_onnx.cli.main import main
@@ -87,8 +89,6 @@ def test_check_against_transformers(artifacts, hf_dirs, tmp_path):
 
 
 def cuda_usable(artifact) -> bool:
-    import onnxruntime as ort
-
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
     session = ort.InferenceSession(str(artifact / "drafter.onnx"), providers=["CUDAExecutionProvider"])
@@ -97,9 +97,6 @@ def cuda_usable(artifact) -> bool:
 
 def test_cuda_fallback_is_reported_never_silent(artifacts):
     """onnxruntime-gpu runs on the CPU when no GPU is usable: `auto` says so, `cuda` refuses."""
-    import onnxruntime as ort
-    import pytest
-
     if cuda_usable(artifacts["llama"]):
         pytest.skip("a GPU is usable here")
     args = ["generate", str(artifacts["llama"]), "--prompt", "hi", "--max-new-tokens", "4", "--json"]
