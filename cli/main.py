@@ -31,16 +31,16 @@ def main() -> None:
 @click.option("--tree-tokens", type=int, default=16, show_default=True, help="Default tree size (root included).")
 @click.option("--draft-vocab", type=click.IntRange(min=0), default=None,
               help="Tokens the drafter head scores, most frequent first; 0 = all [default: the drafter's setting].")
-@click.option("--drafter-precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
-              help="int8: ONNX Runtime dynamic quantization of the drafter, for drafting on a CPU.")
-def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, draft_vocab, drafter_precision):
+@click.option("--cpu-drafter/--no-cpu-drafter", default=True, show_default=True,
+              help="Also write an int8 drafter (ONNX Runtime dynamic quantization) for when it runs on a CPU.")
+def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, draft_vocab, cpu_drafter):
     """Export TARGET (a Hugging Face folder or a .gguf file) and a drafter to ONNX."""
     from dovetail_onnx.export.artifact import export_artifact  # torch lives only on this path
     from dovetail_onnx.runtime.manifest import TreeSettings
 
     output = output or Path("artifacts") / Path(target).stem
     export_artifact(target, output, drafter, drafter_layers, TreeSettings(top_k, depth, tree_tokens), draft_vocab,
-                    drafter_precision)
+                    cpu_drafter)
 
 
 @main.command(cls=Command)
@@ -88,7 +88,8 @@ def generate(artifact, prompt, prompt_file, max_new_tokens, raw, mode, top_k, de
         if not as_json:
             click.echo(piece, nl=False)
     stats = {**generator.stats.as_dict(), "draft_provider": model.drafter.session.get_providers()[0],
-             "target_provider": model.target.session.get_providers()[0], "mode": mode}
+             "draft_graph": model.drafter.graph, "target_provider": model.target.session.get_providers()[0],
+             "mode": mode}
     if as_json:
         click.echo(json.dumps({"text": model.tokenizer.decode(generator.tokens), "token_ids": generator.tokens,
                                "stats": stats}))
@@ -140,7 +141,7 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, d
         baseline, results = run_bench(model, prompts, max_new_tokens, trees, lambda: bar.advance(task))
     summaries = [r.summary(baseline, len(prompts)) for r in results]
     info = {"prompts": len(prompts), "max_new_tokens": max_new_tokens,
-            "draft_provider": model.drafter.session.get_providers()[0],
+            "draft_provider": model.drafter.session.get_providers()[0], "draft_graph": model.drafter.graph,
             "target_provider": model.target.session.get_providers()[0]}
     if as_json:
         best = max(summaries, key=lambda s: s["speedup"])

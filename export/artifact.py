@@ -9,7 +9,7 @@ from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dovetail_onnx.export.drafter import Drafter, load_drafter, random_drafter, target_fingerprint
-from dovetail_onnx.export.drafter_export import export_drafter
+from dovetail_onnx.export.drafter_export import export_drafter, quantize_int8
 from dovetail_onnx.export.load import load_target
 from dovetail_onnx.export.target import dims_of, export_target
 from dovetail_onnx.runtime.errors import DovetailError
@@ -28,21 +28,22 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[
     return sorted(found)
 
 
-def build_manifest(model, tokenizer, drafter: Drafter, tree: TreeSettings, draft_vocab: int, precision: str,
+def build_manifest(model, tokenizer, drafter: Drafter, tree: TreeSettings, draft_vocab: int, cpu_drafter: bool,
                    folder: Path) -> dict:
     _, kv_heads, head_dim = dims_of(model.config)
     c, d = model.config, drafter.config
-    files = ["target.onnx", "target.onnx.data", "drafter.onnx", "drafter.onnx.data", "tokenizer.json"]
+    graphs = ["target.onnx", "drafter.onnx"] + (["drafter.int8.onnx"] if cpu_drafter else [])
+    files = [f for g in graphs for f in (g, g + ".data")] + ["tokenizer.json"]
     return {
         "format_version": FORMAT_VERSION,
         "target": {"file": "target.onnx", "num_layers": c.num_hidden_layers, "kv_width": kv_heads * head_dim,
                    "hidden_size": c.hidden_size, "vocab_size": c.vocab_size},
         "drafter": {"file": "drafter.onnx", "num_layers": d.num_layers, "kv_width": d.num_key_value_heads * d.head_dim,
-                    "hidden_size": d.hidden_size, "vocab_size": d.vocab_size},
+                    "hidden_size": d.hidden_size, "vocab_size": d.vocab_size,
+                    "cpu_file": "drafter.int8.onnx" if cpu_drafter else None},
         "max_top_k": MAX_TOP_K,
         "fusion": d.fusion,
         "draft_vocab_size": draft_vocab or c.vocab_size,
-        "drafter_precision": precision,
         "architecture": type(model).__name__,
         "eos_token_ids": eos_ids(model, tokenizer),
         "special_tokens": {k: str(v) for k, v in (("bos_token", tokenizer.bos_token), ("eos_token", tokenizer.eos_token)) if v},
@@ -56,11 +57,11 @@ def build_manifest(model, tokenizer, drafter: Drafter, tree: TreeSettings, draft
 
 def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_layers: int = 1,
                     tree: TreeSettings = TreeSettings(), draft_vocab: int | None = None,
-                    drafter_precision: str = "fp32", console: Console | None = None) -> dict:
-    """Write target.onnx, drafter.onnx, tokenizer files and dovetail.json into `out`.
+                    cpu_drafter: bool = True, console: Console | None = None) -> dict:
+    """Write target.onnx, drafter.onnx (+ drafter.int8.onnx), tokenizer files and dovetail.json into `out`.
 
     `draft_vocab`: tokens the drafter's head scores (0: all; None: the drafter's own setting).
-    `drafter_precision`: fp32, or int8 (dynamic quantization: for drafting on a CPU).
+    `cpu_drafter`: also write the int8 drafter the runtime uses when the drafter runs on a CPU.
     """
     console = console or Console(stderr=True)
     started = time.perf_counter()
@@ -73,10 +74,13 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
         export_target(model, out / "target.onnx")
         status.update("exporting drafter.onnx")
         draft_vocab = draft.config.draft_vocab_size if draft_vocab is None else draft_vocab
-        export_drafter(draft, out / "drafter.onnx", MAX_TOP_K, draft_vocab, drafter_precision)
+        export_drafter(draft, out / "drafter.onnx", MAX_TOP_K, draft_vocab)
+        if cpu_drafter:
+            status.update("quantizing the CPU drafter (int8)")
+            quantize_int8(out / "drafter.onnx", out / "drafter.int8.onnx")
         status.update("writing tokenizer and manifest")
         tokenizer.save_pretrained(out)
-        manifest = build_manifest(model, tokenizer, draft, tree, draft_vocab, drafter_precision, out)
+        manifest = build_manifest(model, tokenizer, draft, tree, draft_vocab, cpu_drafter, out)
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     console.print(f"exported {out} in {time.perf_counter() - started:.1f} s")
     return manifest

@@ -42,30 +42,28 @@ class DrafterGraph(nn.Module):
         return (self.vocab_ids[index], values, hidden, *new_kv)
 
 
-PRECISIONS = ("fp32", "int8")
+def quantize_int8(source: Path, target: Path) -> None:
+    """ONNX Runtime's dynamic int8 quantization of the MatMul weights: the drafter for CPU drafting.
 
-
-def quantize_int8(path: Path) -> None:
-    """ONNX Runtime's dynamic int8 quantization of the MatMul weights, in place.
-
-    A CPU draft step is bound by reading weights; int8 reads a quarter. The target still verifies
-    every token, so output does not change; only the acceptance rate can.
+    A CPU draft step is bound by reading weights; int8 reads a quarter. (On CUDA the fp32 graph is
+    used: these int8 kernels are CPU ones.) The target still verifies every token, so the output
+    cannot change; only the acceptance rate can.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        out = Path(tmp) / path.name
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
         logging.disable(logging.WARNING)  # it advises a pre-processing pass that changes nothing here
         try:
-            quantize_dynamic(path, out, weight_type=QuantType.QInt8, per_channel=True,
+            quantize_dynamic(source, out, weight_type=QuantType.QInt8, per_channel=True,
                              extra_options={"MatMulConstBOnly": True}, use_external_data_format=True)
         finally:
             logging.disable(logging.NOTSET)
         for produced in (out, out.with_name(out.name + ".data")):
-            shutil.move(produced, path.parent / produced.name)
+            shutil.move(produced, target.parent / produced.name)
 
 
-def export_drafter(drafter: Drafter, path: Path, max_top_k: int, draft_vocab: int = 0, precision: str = "fp32") -> None:
+def export_drafter(drafter: Drafter, path: Path, max_top_k: int, draft_vocab: int = 0) -> None:
     config = drafter.config
     layers, width = config.num_layers, config.num_key_value_heads * config.head_dim
     past_len, seq = 3, 4
@@ -105,5 +103,3 @@ def export_drafter(drafter: Drafter, path: Path, max_top_k: int, draft_vocab: in
     error = float(np.abs(out["topk_logprobs"] - values.numpy()).max())
     if not error <= TOLERANCE:
         raise DovetailError(f"exported drafter disagrees with PyTorch: max |Δlogprob| {error:.2e} > {TOLERANCE:g}")
-    if precision == "int8":
-        quantize_int8(path)

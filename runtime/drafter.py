@@ -21,7 +21,12 @@ class Drafter:
     def __init__(self, manifest: Manifest, device: str, threads: int | None):
         self.spec = manifest.drafter
         self.max_top_k = manifest.max_top_k
-        self.session, self.device = open_session(manifest.folder / self.spec.file, device, threads, "drafter")
+        cpu_file = self.spec.cpu_file
+        self.graph = cpu_file if device == "cpu" and cpu_file else self.spec.file
+        self.session, self.device = open_session(manifest.folder / self.graph, device, threads, "drafter")
+        if self.device == "cpu" and cpu_file and self.graph != cpu_file:
+            self.graph = cpu_file  # no usable GPU: the int8 graph drafts faster on a CPU
+            self.session, self.device = open_session(manifest.folder / self.graph, "cpu", threads, "drafter")
         check_io(self.session, self.spec, "drafter")
 
     def start(self, capacity: int, settings: TreeSettings) -> None:

@@ -21,6 +21,7 @@ class GraphSpec:
     kv_width: int
     hidden_size: int
     vocab_size: int
+    cpu_file: str | None = None  # drafter only: the int8 graph to use when it runs on a CPU
 
 
 @dataclass(frozen=True)
