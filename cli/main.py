@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from dovetail_onnx.cli.command import Command
+from dovetail_onnx.cli.train import train
 from dovetail_onnx.runtime.errors import DovetailError
 
 
@@ -187,6 +188,8 @@ def check(artifact, target, prompt_file, n, max_new_tokens, mode):
     if same != len(rows):
         raise DovetailError(f"{len(rows) - same} prompts differ from transformers; re-export, or report the model")
 
+
+main.add_command(train)
 
 if __name__ == "__main__":
     main()

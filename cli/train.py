@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dovetail_onnx.cli.main import Command
+from dovetail_onnx.cli.command import Command
 
 DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
 
@@ -17,32 +17,35 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
               help="Drafter folder to write (config.json + model.safetensors).")
 @click.option("--fusion", type=click.Choice(["dgf", "eagle"]), default="dgf", show_default=True)
 @click.option("--layers", type=click.IntRange(1, 6), default=1, show_default=True, help="Drafter decoder layers.")
-@click.option("--steps", type=click.IntRange(1), default=2000, show_default=True, help="Optimizer steps.")
+@click.option("--steps", type=click.IntRange(1), default=260, show_default=True, help="Optimizer steps.")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop training after this many minutes even if steps remain.")
 @click.option("--batch-tokens", type=click.IntRange(64), default=4096, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=6e-4, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--unroll", type=click.IntRange(1, 2), default=2, show_default=True,
               help="2: also train on the drafter's own predicted features (helps deeper tree levels).")
-@click.option("--distill-prompts", type=click.IntRange(0), default=1200, show_default=True,
+@click.option("--distill-prompts", type=click.IntRange(0), default=1000, show_default=True,
               help="User prompts the target answers greedily (self-distillation).")
-@click.option("--max-new-tokens", type=click.IntRange(1), default=160, show_default=True,
+@click.option("--max-new-tokens", type=click.IntRange(1), default=128, show_default=True,
               help="Answer length cap for self-distillation.")
-@click.option("--text-tokens", type=click.IntRange(0), default=120_000, show_default=True,
+@click.option("--text-tokens", type=click.IntRange(0), default=40_000, show_default=True,
               help="Teacher-forced text tokens.")
-@click.option("--seq-len", type=click.IntRange(64), default=512, show_default=True)
+@click.option("--seq-len", type=click.IntRange(64), default=384, show_default=True,
+              help="Longest sequence (prompt + answer); longer prompts are skipped.")
+@click.option("--draft-vocab", type=click.IntRange(0), default=16384, show_default=True,
+              help="Tokens the exported draft head scores by default, most frequent in the data first (0 = all).")
 @click.option("--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True,
               help="Where generated data and checkpoints are kept.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of this output.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads [default: torch's choice].")
 @click.option("--seed", type=int, default=0, show_default=True)
 def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unroll, distill_prompts, max_new_tokens,
-          text_tokens, seq_len, cache, resume, threads, seed):
+          text_tokens, seq_len, draft_vocab, cache, resume, threads, seed):
     """Train a drafter for TARGET (a Hugging Face folder or a .gguf file) on the target's own outputs."""
     import torch  # the build side only
 
     from dovetail_onnx.export.data import DataSettings, describe, make_data
-    from dovetail_onnx.export.drafter import save_drafter
+    from dovetail_onnx.export.drafter import rank_tokens, save_drafter
     from dovetail_onnx.export.load import load_target
     from dovetail_onnx.export.train import TrainSettings, metrics_json, train_drafter
 
@@ -60,6 +63,9 @@ def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unro
                              lr=lr, unroll=unroll, seed=seed)
     checkpoint = Path(cache) / "checkpoints" / f"{Path(output).resolve().name}-{fusion}-{layers}.pt"
     drafter, metrics = train_drafter(model, tokenizer, sequences, settings, checkpoint, resume)
+    # The tokens the target itself emits (answers and text), most frequent first, for a truncated draft head.
+    drafter.token_ranking = rank_tokens([s.ids[s.start:] for s in sequences if not s.heldout], drafter.config.vocab_size)
+    drafter.config.draft_vocab_size = draft_vocab
     save_drafter(drafter, Path(output), dtype=torch.float16)
     metrics.extra |= {"data_seconds": round(data_s, 1), "total_seconds": round(time.perf_counter() - started, 1)}
     click.echo(metrics_json(metrics))

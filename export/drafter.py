@@ -164,6 +164,12 @@ class Drafter(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("embed_tokens.", "lm_head."))}
 
 
+def rank_tokens(token_ids: list[torch.Tensor], vocab_size: int) -> torch.Tensor:
+    """All token ids, most frequent first (ties by id): the order a truncated draft head keeps them in."""
+    counts = torch.bincount(torch.cat(token_ids).long(), minlength=vocab_size)[:vocab_size]
+    return torch.argsort(counts, descending=True, stable=True)
+
+
 def save_drafter(drafter: Drafter, folder: Path, dtype: torch.dtype = torch.float32) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(asdict(drafter.config), indent=2) + "\n")

@@ -1,0 +1,320 @@
+"""Train a drafter on features the target produced (export/data.py), EAGLE-style.
+
+At drafter position i the input is (target feature of token i, token i+1) and the output should be
+the target's feature of token i+1; the frozen LM head turns it into a guess for token i+2.
+
+Objective (EAGLE): smooth-L1 between predicted and true features + 0.1 × cross-entropy between the
+head's distribution on the true feature and on the predicted one.
+
+Input noise: each input feature gets uniform noise U(-a, a)·rms(feature), a = 0.1 by default.
+EAGLE adds U(-0.1, 0.1) to features of order one; scaling by the feature's RMS keeps the same
+relative size whatever the target's feature scale.
+
+Deeper tree levels feed the drafter its own predictions. With `unroll=2` every batch gets a second
+pass whose input features are the first pass's predictions (shifted by one position, detached), that
+attends to the first pass's keys before its position and to itself — exactly what a depth-2 tree
+node sees at run time. Its loss is weighted by `unroll_weight`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dovetail_onnx.export.data import Sequence
+from dovetail_onnx.export.drafter import Drafter, DrafterConfig
+from dovetail_onnx.export.modules import causal_mask
+from dovetail_onnx.runtime.errors import DovetailError
+
+
+@dataclass
+class TrainSettings:
+    fusion: str = "dgf"
+    layers: int = 1
+    steps: int = 260
+    minutes: float | None = None  # wall-clock cap; stops early (schedule still planned for `steps`)
+    batch_tokens: int = 4096
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 30
+    weight_decay: float = 0.01
+    clip: float = 0.5
+    noise: float = 0.1
+    ce_weight: float = 0.1
+    unroll: int = 2
+    unroll_weight: float = 0.8
+    bf16: bool = True  # autocast matmuls to bf16: the 49k-row LM head dominates the cost otherwise
+    checkpoint_every: int = 50
+    eval_tokens: int = 4096  # held-out tokens used by the periodic evaluation (the final one uses all)
+    seed: int = 0
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [B, T+1]
+    features: torch.Tensor  # [B, T+1, H] float32
+    valid: torch.Tensor  # [B, T] bool: position i predicts the feature of ids[i+1]
+    answer: torch.Tensor  # [B, T] bool: positions whose target token is a self-distilled answer token
+
+
+@dataclass
+class Metrics:
+    loss: float = 0.0
+    acc1: float = 0.0  # top-1 through the head vs the target's greedy next token
+    acc2: float = 0.0  # second unrolled step, given the first step's token was right
+    tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def collate(sequences: list[Sequence]) -> Batch:
+    """Right-pad to the longest; the causal mask alone keeps valid queries off padded keys."""
+    width = max(len(s.ids) for s in sequences)
+    hidden = sequences[0].features.shape[1]
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    features = torch.zeros(len(sequences), width, hidden)
+    valid = torch.zeros(len(sequences), width - 1, dtype=torch.bool)
+    answer = torch.zeros_like(valid)
+    for b, s in enumerate(sequences):
+        n = len(s.ids)
+        ids[b, :n], features[b, :n] = s.ids, s.features.float()
+        valid[b, : n - 1] = True
+        if s.kind == "distill":
+            answer[b, max(s.start - 2, 0): n - 1] = True
+    return Batch(ids, features, valid, answer)
+
+
+def sample_batch(sequences: list[Sequence], batch_tokens: int, rng: random.Random) -> Batch:
+    """Random sequences until the token budget is reached (at least one)."""
+    picked, total = [], 0
+    while total < batch_tokens:
+        s = sequences[rng.randrange(len(sequences))]
+        picked.append(s)
+        total += len(s.ids)
+    return collate(picked)
+
+
+def eval_batches(sequences: list[Sequence], batch_tokens: int, limit: int | None = None) -> list[Batch]:
+    """The held-out sequences in a fixed order, packed by length."""
+    out, group, total, seen = [], [], 0, 0
+    for s in sorted(sequences, key=lambda s: len(s.ids)):
+        if limit is not None and seen >= limit:
+            break
+        group.append(s)
+        total += len(s.ids)
+        seen += len(s.ids)
+        if total >= batch_tokens:
+            out.append(collate(group))
+            group, total = [], 0
+    return out + ([collate(group)] if group else [])
+
+
+# ---------------------------------------------------------------- model passes
+
+
+def empty_past(drafter: Drafter, batch: int) -> list[torch.Tensor]:
+    c = drafter.config
+    width = c.num_key_value_heads * c.head_dim
+    return [torch.zeros(batch, 0, width) for _ in range(2 * c.num_layers)]
+
+
+def unrolled_mask(seq: int) -> torch.Tensor:
+    """Second pass: first-pass keys strictly before the query, then only its own second-pass key."""
+    low = torch.finfo(torch.float32).min
+    before = torch.full((seq, seq), low).triu(0)
+    itself = torch.full((seq, seq), low).fill_diagonal_(0.0)
+    return torch.cat((before, itself), dim=1)[None, None]
+
+
+def add_noise(features: torch.Tensor, scale: float) -> torch.Tensor:
+    if scale <= 0:
+        return features
+    rms = features.pow(2).mean(-1, keepdim=True).sqrt()
+    return features + (torch.rand_like(features) * 2 - 1) * scale * rms
+
+
+def predict(drafter: Drafter, batch: Batch, unroll: int, noise: float) -> list[torch.Tensor]:
+    """Predicted next features for each unrolled pass, each [B, T, H]."""
+    inputs, ids = add_noise(batch.features[:, :-1], noise), batch.ids[:, 1:]
+    size, seq = ids.shape
+    positions = torch.arange(seq).expand(size, seq)
+    first, *kv = drafter(inputs, ids, positions, causal_mask(seq), *empty_past(drafter, size))
+    preds = [first]
+    if unroll > 1:
+        fed = torch.cat((inputs[:, :1], first[:, :-1].detach()), dim=1)
+        second, *_ = drafter(fed, ids, positions, unrolled_mask(seq), *kv)
+        preds.append(second)
+    return preds
+
+
+def losses(drafter: Drafter, preds: list[torch.Tensor], batch: Batch, settings: TrainSettings,
+           head: torch.Tensor | None = None):
+    """Weighted EAGLE loss over the passes, plus per-pass argmax hits for accuracy.
+
+    `head`: LM-head rows to score against (default: all). Training passes only the tokens that occur
+    in its data: softmaxes over the full 49k-token vocabulary would cost more than the drafter.
+    """
+    head = drafter.lm_head.weight if head is None else head
+    target = batch.features[:, 1:][batch.valid]
+    with torch.no_grad():
+        target_logits = F.linear(target, head).float()
+        target_probs = target_logits.softmax(-1)
+        target_tokens = target_logits.argmax(-1)
+    total, hits = 0.0, []
+    for depth, pred in enumerate(preds):
+        keep = batch.valid.clone()
+        if depth > 0:
+            keep[:, 0] = False  # its input is the true feature, not a prediction
+        chosen = keep[batch.valid]
+        pred = pred[batch.valid]
+        regression = F.smooth_l1_loss(pred.float(), target, reduction="none").mean(-1)
+        logp = F.linear(pred, head).float().log_softmax(-1)
+        ce = -(target_probs * logp).sum(-1)
+        weight = settings.unroll_weight**depth
+        total = total + weight * ((regression + settings.ce_weight * ce) * chosen).sum() / chosen.sum().clamp(min=1)
+        hits.append((logp.argmax(-1) == target_tokens) & chosen)
+    return total, hits
+
+
+def hit_counts(hits: list[torch.Tensor], batch: Batch, answers_only: bool) -> tuple[int, int, int, int]:
+    """(first-pass hits, positions counted, second-pass hits, positions whose previous first pass hit)."""
+    region = batch.answer[batch.valid] if answers_only else torch.ones_like(hits[0])
+    first, counted = int((hits[0] & region).sum()), int(region.sum())
+    if len(hits) < 2:
+        return first, counted, 0, 0
+    grid = torch.zeros_like(batch.valid)
+    grid[batch.valid] = hits[0]
+    prior = torch.zeros_like(batch.valid)
+    prior[:, 1:] = grid[:, :-1]
+    given = prior[batch.valid] & region
+    return first, counted, int((hits[1] & given).sum()), int(given.sum())
+
+
+@torch.no_grad()
+def evaluate(drafter: Drafter, batches: list[Batch], settings: TrainSettings) -> Metrics:
+    """Held-out top-1 on the self-distilled answers (what acceptance at run time depends on) and overall."""
+    drafter.eval()
+    loss, answer, overall = 0.0, torch.zeros(4), torch.zeros(4)
+    for batch in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+            batch_loss, hits = losses(drafter, predict(drafter, batch, max(settings.unroll, 2), 0.0), batch, settings)
+        answer += torch.tensor(hit_counts(hits, batch, answers_only=True))
+        overall += torch.tensor(hit_counts(hits, batch, answers_only=False))
+        loss += batch_loss.item() * int(batch.valid.sum())
+    drafter.train()
+    tokens = int(overall[1])
+    return Metrics(loss=loss / max(tokens, 1), acc1=float(answer[0] / answer[1].clamp(min=1)),
+                   acc2=float(answer[2] / answer[3].clamp(min=1)), tokens=tokens,
+                   extra={"all_top1": round(float(overall[0] / overall[1].clamp(min=1)), 4),
+                          "answer_tokens": int(answer[1])})
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+def learning_rate(step: int, settings: TrainSettings) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio · lr at `steps`."""
+    if step < settings.warmup:
+        return settings.lr * (step + 1) / settings.warmup
+    progress = min((step - settings.warmup) / max(settings.steps - settings.warmup, 1), 1.0)
+    floor = settings.min_lr_ratio
+    return settings.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def seen_tokens(sequences: list[Sequence]) -> torch.Tensor:
+    """Token ids that occur in the data: the vocabulary the training loss is computed over."""
+    return torch.unique(torch.cat([s.ids for s in sequences]))
+
+
+def trainable(drafter: Drafter) -> list[torch.nn.Parameter]:
+    return [p for p in drafter.parameters() if p.requires_grad]
+
+
+def save_checkpoint(path: Path, drafter: Drafter, optimizer: torch.optim.Optimizer, step: int,
+                    settings: TrainSettings) -> None:
+    """Atomic: an interruption while writing leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "settings": asdict(settings), "drafter": drafter.trained_state_dict(),
+                "optimizer": optimizer.state_dict()}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, drafter: Drafter, optimizer: torch.optim.Optimizer,
+                    settings: TrainSettings) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = {k: v for k, v in state["settings"].items() if k in ("fusion", "layers")}
+    if saved != {"fusion": settings.fusion, "layers": settings.layers}:
+        raise DovetailError(f"checkpoint {path} is for {saved}, not this drafter; drop --resume to start over")
+    drafter.load_state_dict(state["drafter"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def train_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sequences: list[Sequence],
+                  settings: TrainSettings, checkpoint: Path | None = None, resume: bool = False,
+                  progress: bool = True) -> tuple[Drafter, Metrics]:
+    """Train a fresh drafter (or resume one from `checkpoint`) and return it with held-out metrics."""
+    train = [s for s in sequences if not s.heldout and len(s.ids) > 1]
+    heldout = [s for s in sequences if s.heldout and len(s.ids) > 1]
+    if not train or not heldout:
+        raise DovetailError("not enough training data: make more sequences (more prompts or text tokens)")
+    torch.manual_seed(settings.seed)
+    drafter = Drafter(DrafterConfig.for_target(target, tokenizer, settings.fusion, settings.layers))
+    drafter.attach_target(target).train()
+    optimizer = torch.optim.AdamW(trainable(drafter), lr=settings.lr, betas=(0.9, 0.95),
+                                  weight_decay=settings.weight_decay)
+    step = 0
+    if resume and checkpoint is not None and checkpoint.exists():
+        step = load_checkpoint(checkpoint, drafter, optimizer, settings)
+    quick_eval = eval_batches(heldout, settings.batch_tokens, settings.eval_tokens)
+    head = drafter.lm_head.weight[seen_tokens(train)]
+    started, seen = time.perf_counter(), 0
+    bar = tqdm(total=settings.steps, initial=step, desc="train drafter", unit="step", disable=not progress)
+    while step < settings.steps:
+        if settings.minutes is not None and time.perf_counter() - started > settings.minutes * 60:
+            break
+        rng = random.Random(settings.seed * 1_000_003 + step)  # batch depends on the step only: resumable
+        torch.manual_seed(settings.seed * 1_000_003 + step)
+        batch = sample_batch(train, settings.batch_tokens, rng)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, settings)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+            preds = predict(drafter, batch, settings.unroll, settings.noise)
+            loss, hits = losses(drafter, preds, batch, settings, head)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable(drafter), settings.clip)
+        optimizer.step()
+        step += 1
+        seen += int(batch.valid.sum())
+        first, counted, _, _ = hit_counts(hits, batch, answers_only=False)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{first / max(counted, 1):.3f}",
+                        tok_s=f"{seen / (time.perf_counter() - started):.0f}")
+        if checkpoint is not None and (step % settings.checkpoint_every == 0 or step == settings.steps):
+            save_checkpoint(checkpoint, drafter, optimizer, step, settings)
+            held = evaluate(drafter, quick_eval, settings)
+            bar.write(f"step {step}: held-out loss {held.loss:.3f}, top-1 {held.acc1:.3f}, 2nd step {held.acc2:.3f}")
+    bar.close()
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, drafter, optimizer, step, settings)
+    metrics = evaluate(drafter, eval_batches(heldout, settings.batch_tokens), settings)
+    metrics.extra |= {"steps": step, "train_seconds": round(time.perf_counter() - started, 1)}
+    return drafter, metrics
+
+
+def metrics_json(metrics: Metrics) -> str:
+    return json.dumps({"heldout_loss": round(metrics.loss, 4), "heldout_top1": round(metrics.acc1, 4),
+                       "heldout_top1_step2": round(metrics.acc2, 4), "heldout_tokens": metrics.tokens,
+                       **metrics.extra})
