@@ -21,7 +21,9 @@ def export_graph(module: torch.nn.Module, example: tuple, path: Path, **kwargs) 
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), example, str(path), opset_version=17, dynamo=False, **kwargs)
     # Re-save with one external-data file beside the graph, so the artifact is two files a graph.
+    # onnx appends to an existing data file, so a re-export into the same folder must remove it first.
     model = onnx.load(str(path))
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
 
