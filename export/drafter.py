@@ -179,8 +179,10 @@ def save_drafter(drafter: Drafter, folder: Path, dtype: torch.dtype = torch.floa
 
 
 def random_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, num_layers: int, fusion: str = "dgf"):
-    torch.manual_seed(0)
-    return Drafter(DrafterConfig.for_target(target, tokenizer, fusion, num_layers)).attach_target(target)
+    """An untrained drafter, the same for every call (seeded without touching the caller's random state)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return Drafter(DrafterConfig.for_target(target, tokenizer, fusion, num_layers)).attach_target(target)
 
 
 def load_drafter(source: Path, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Drafter:
