@@ -23,10 +23,11 @@ class Drafter:
         self.max_top_k = manifest.max_top_k
         cpu_file = self.spec.cpu_file
         self.graph = cpu_file if device == "cpu" and cpu_file else self.spec.file
-        self.session, self.device = open_session(manifest.folder / self.graph, device, threads, "drafter")
+        self.session, self.device = open_session(manifest.folder / self.graph, device, threads, "drafter", spin=False)
         if self.device == "cpu" and cpu_file and self.graph != cpu_file:
             self.graph = cpu_file  # no usable GPU: the int8 graph drafts faster on a CPU
-            self.session, self.device = open_session(manifest.folder / self.graph, "cpu", threads, "drafter")
+            self.session, self.device = open_session(manifest.folder / self.graph, "cpu", threads, "drafter",
+                                                     spin=False)
         check_io(self.session, self.spec, "drafter")
 
     def start(self, capacity: int, settings: TreeSettings) -> None:
