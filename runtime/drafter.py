@@ -91,8 +91,8 @@ class Drafter:
         slots = np.full(top_k, -1)
         for level in range(1, depth):
             if len(cand_score) >= total - 1:
-                cut = -np.partition(-np.array(cand_score), total - 2)[total - 2]
-                if np.array(cand_score)[frontier].max() <= cut:
+                scores = np.array(cand_score)
+                if scores[frontier].max() <= -np.partition(-scores, total - 2)[total - 2]:
                     break
             out = 1 - out
             past = stable + (level - 1) * top_k
