@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 
 from dovetail_onnx.runtime.buffers import PREFILL_CHUNK, Buffer, KVCache
-from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.manifest import Manifest, TreeSettings
 from dovetail_onnx.runtime.sessions import check_io, open_session
 from dovetail_onnx.runtime.tree import Tree, additive, causal
@@ -28,11 +27,9 @@ class Drafter:
             self.graph = cpu_file  # no usable GPU: the int8 graph drafts faster on a CPU
             self.session, self.device = open_session(manifest.folder / self.graph, "cpu", threads, "drafter",
                                                      spin=False)
-        check_io(self.session, self.spec, "drafter")
+        check_io(self.session, self.spec, "drafter", self.max_top_k)
 
     def start(self, capacity: int, settings: TreeSettings) -> None:
-        if settings.top_k > self.max_top_k:
-            raise DovetailError(f"--top-k {settings.top_k} is above the drafter graph's {self.max_top_k}; lower it or re-export")
         rows = capacity + settings.depth * settings.top_k
         self.kv = KVCache(self.spec.num_layers, self.spec.kv_width, rows, self.device)
         width = max(PREFILL_CHUNK, settings.top_k)

@@ -1,27 +1,26 @@
-"""`dovetail.json`: what an artifact folder holds, checked before any graph is loaded."""
+"""`dovetail.json`: what an artifact folder holds, validated as a schema before any graph is loaded.
+
+pydantic checks every field's type and range, so a hand-edited or damaged manifest is refused with
+one line naming the field, never half-used (a string EOS id, an empty checksum list).
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, \
+    model_validator
 
 from dovetail_onnx.runtime.errors import DovetailError
 
 FORMAT_VERSION = 1
 MANIFEST = "dovetail.json"
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    """Dimensions the runtime needs to allocate KV buffers and bind outputs."""
-
-    file: str
-    num_layers: int
-    kv_width: int
-    hidden_size: int
-    vocab_size: int
-    cpu_file: str | None = None  # drafter only: the int8 graph to use when it runs on a CPU
+TOKENIZER = "tokenizer.json"
+# One verify forward's rows: the target's output buffers hold this many (see buffers.PREFILL_CHUNK).
+MAX_TREE_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -30,20 +29,74 @@ class TreeSettings:
     depth: int = 7
     total_tokens: int = 16
 
+    def problem(self, max_top_k: int) -> str | None:
+        """What is out of range, phrased with the CLI's option names; None when the tree is valid."""
+        for name, value, low, high in (("--top-k", self.top_k, 1, max_top_k),
+                                       ("--depth", self.depth, 1, MAX_TREE_TOKENS - 1),
+                                       ("--tree-tokens", self.total_tokens, 2, MAX_TREE_TOKENS)):
+            if type(value) is not int or not low <= value <= high:
+                return f"{name} must be an integer from {low} to {high}, got {value!r}"
+        return None
 
-@dataclass(frozen=True)
-class Manifest:
-    folder: Path
+
+def _file_name(name: str) -> str:
+    """Files live in the artifact folder itself: a path would let a manifest point anywhere."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"{name!r} is not a plain file name")
+    return name
+
+
+FileName = Annotated[StrictStr, AfterValidator(_file_name)]
+Positive = Annotated[StrictInt, Field(ge=1)]
+
+
+class GraphSpec(BaseModel):
+    """Dimensions the runtime needs to allocate KV buffers and bind outputs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    file: FileName
+    num_layers: Positive
+    kv_width: Positive
+    hidden_size: Positive
+    vocab_size: Positive
+    cpu_file: FileName | None = None  # drafter only: the int8 graph to use when it runs on a CPU
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
+    folder: Path = Path()  # not in the file: set to where it was read from
+    format_version: Literal[1]
     target: GraphSpec
     drafter: GraphSpec
-    max_top_k: int
-    fusion: str
-    eos_token_ids: tuple[int, ...]
-    special_tokens: dict
-    chat_template: str | None
-    context_length: int
+    max_top_k: Annotated[StrictInt, Field(ge=1, le=1024)]
+    fusion: Literal["dgf", "eagle"]
+    eos_token_ids: Annotated[tuple[Annotated[StrictInt, Field(ge=0)], ...], Field(min_length=1)]
+    special_tokens: dict[StrictStr, StrictStr] = {}
+    chat_template: StrictStr | None = None
+    context_length: Annotated[StrictInt, Field(ge=2)]
     tree: TreeSettings
-    checksums: dict
+    checksums: Annotated[dict[FileName, Annotated[StrictStr, Field(pattern="^[0-9a-f]{64}$")]],
+                         Field(alias="sha256", min_length=1)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if problem := self.tree.problem(self.max_top_k):
+            raise ValueError(f"field 'tree': {problem.replace('--', '').replace('-', '_')}")
+        if self.drafter.hidden_size != self.target.hidden_size or self.drafter.vocab_size != self.target.vocab_size:
+            raise ValueError(
+                f"the drafter (hidden {self.drafter.hidden_size}, vocabulary {self.drafter.vocab_size}) was not made "
+                f"for this target (hidden {self.target.hidden_size}, vocabulary {self.target.vocab_size}); export "
+                "with a drafter trained for this target"
+            )
+        if bad := [i for i in self.eos_token_ids if i >= self.target.vocab_size]:
+            raise ValueError(f"field 'eos_token_ids': {bad} are outside the vocabulary of {self.target.vocab_size}")
+        if missing := sorted(({*self.graph_files, TOKENIZER} - set(self.checksums))):
+            raise ValueError(f"field 'sha256' does not cover {', '.join(missing)}")
+        return self
+
+    @property
+    def graph_files(self) -> list[str]:
+        return [f for f in (self.target.file, self.drafter.file, self.drafter.cpu_file) if f]
 
 
 def sha256_of(path: Path) -> str:
@@ -54,50 +107,60 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _field_error(path: Path, exc: ValidationError) -> DovetailError:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "json_invalid":
+        return DovetailError(f"{path} is not valid JSON ({message}); re-export the artifact")
+    field = f"field '{where}': " if where else ""
+    return DovetailError(f"{path}: {field}{message}; re-export the artifact or correct that field")
+
+
 def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     """Parse and check an artifact folder; every problem is one DovetailError line."""
     folder = Path(folder)
     fix = "run `dovetail-onnx export` to create it"
+    if folder.is_file():
+        raise DovetailError(f"{folder} is a file; pass the artifact folder that holds {MANIFEST}")
     if not folder.is_dir():
         raise DovetailError(f"artifact folder {folder} does not exist; {fix}")
     path = folder / MANIFEST
     if not path.is_file():
         raise DovetailError(f"{folder} has no {MANIFEST}; it is not a dovetail-onnx artifact ({fix})")
     try:
-        raw = json.loads(path.read_text())
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise DovetailError(
-                f"{path} is format {raw.get('format_version')}, this runtime reads {FORMAT_VERSION}; re-export it"
-            )
-        manifest = Manifest(
-            folder=folder,
-            target=GraphSpec(**raw["target"]),
-            drafter=GraphSpec(**raw["drafter"]),
-            max_top_k=raw["max_top_k"],
-            fusion=raw["fusion"],
-            eos_token_ids=tuple(raw["eos_token_ids"]),
-            special_tokens=raw.get("special_tokens", {}),
-            chat_template=raw.get("chat_template"),
-            context_length=raw["context_length"],
-            tree=TreeSettings(**raw["tree"]),
-            checksums=raw["sha256"],
-        )
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DovetailError(f"{path} is corrupt ({type(exc).__name__}: {exc}); {fix} again") from exc
-    if manifest.drafter.hidden_size != manifest.target.hidden_size:
+        text = path.read_bytes().decode("utf-8")
+        raw = json.loads(text)
+    except OSError as exc:
+        raise DovetailError(f"cannot read {path} ({exc.strerror or exc}); check its permissions") from exc
+    except UnicodeDecodeError as exc:
+        raise DovetailError(f"{path} is corrupt: not UTF-8 text ({exc.reason} at byte {exc.start}); re-export it") from exc
+    except json.JSONDecodeError as exc:
+        raise DovetailError(f"{path} is corrupt: not JSON ({exc.msg}, line {exc.lineno}); re-export it") from exc
+    if not isinstance(raw, dict):
+        raise DovetailError(f"{path} is corrupt: a {type(raw).__name__}, not a JSON object; re-export it")
+    if type(raw.get("format_version")) is not int or raw["format_version"] != FORMAT_VERSION:
         raise DovetailError(
-            f"drafter hidden size {manifest.drafter.hidden_size} does not match the target's "
-            f"{manifest.target.hidden_size}; export with a drafter trained for this target"
+            f"{path} is format {raw.get('format_version')!r}, this runtime reads {FORMAT_VERSION}; re-export it"
         )
-    if manifest.drafter.vocab_size != manifest.target.vocab_size:
-        raise DovetailError(
-            f"drafter vocabulary {manifest.drafter.vocab_size} does not match the target's "
-            f"{manifest.target.vocab_size}; export with a drafter trained for this target"
-        )
+    try:
+        manifest = Manifest.model_validate_json(text).model_copy(update={"folder": folder})
+    except ValidationError as exc:
+        raise _field_error(path, exc) from exc
+    undeclared = [f"{g}.data" for g in manifest.graph_files
+                  if (folder / f"{g}.data").exists() and f"{g}.data" not in manifest.checksums]
+    if undeclared:
+        raise DovetailError(f"{path}: field 'sha256' does not cover {', '.join(undeclared)}; re-export the artifact")
     for name, expected in manifest.checksums.items():
         file = folder / name
         if not file.is_file():
             raise DovetailError(f"{file} is missing; re-export the artifact")
-        if verify and sha256_of(file) != expected:
+        if not verify:
+            continue
+        try:
+            actual = sha256_of(file)
+        except OSError as exc:
+            raise DovetailError(f"cannot read {file} ({exc.strerror or exc}); check its permissions") from exc
+        if actual != expected:
             raise DovetailError(f"{file} is corrupt or truncated (SHA-256 mismatch); re-export the artifact")
     return manifest

@@ -5,16 +5,23 @@ on the CPU, so the provider in use is read back from the session, never assumed.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import onnxruntime as ort
 
 from dovetail_onnx.runtime.errors import DovetailError
+from dovetail_onnx.runtime.manifest import GraphSpec
 
 DEVICES = ("auto", "cuda", "cpu")
 # ORT logs a provider-load failure as an error line; open_session reports fallbacks itself.
 ort.set_default_logger_severity(4)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a container's affinity, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def session_options(threads: int | None, spin: bool) -> ort.SessionOptions:
@@ -55,14 +62,27 @@ def open_session(path: Path, device: str, threads: int | None, role: str,
     return session, used
 
 
-def check_io(session, spec, role: str) -> None:
-    """The manifest's dimensions must be the graph's: a swapped graph file is caught here."""
-    shapes = {o.name: o.shape for o in session.get_outputs()}
-    want = {"hidden_states" if role == "target" else "out_hidden": spec.hidden_size}
-    if role == "target":
-        want["logits"] = spec.vocab_size
-    for name, size in want.items():
-        if name not in shapes or shapes[name][-1] != size:
-            raise DovetailError(
-                f"{role} graph output {name} has shape {shapes.get(name)}, manifest says width {size}; re-export the artifact"
-            )
+def check_io(session: ort.InferenceSession, spec: GraphSpec, role: str, top_k: int | None = None) -> None:
+    """The manifest's dimensions must be the graph's: a swapped graph or an edited manifest is caught here,
+    before a first token is printed, not as a shape error mid-generation."""
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    want = {name: None for name in ("input_ids", "position_ids", "attention_mask")}
+    if role == "drafter":
+        want |= {"hidden_states": spec.hidden_size, "hidden_index": None}
+    want |= {f"past_{kind}.{i}": spec.kv_width for i in range(spec.num_layers) for kind in ("key", "value")}
+    layers = sum(name.startswith("past_key.") for name in inputs)
+    if layers != spec.num_layers:
+        raise DovetailError(f"{role} graph has {layers} layers of KV cache, the manifest says num_layers "
+                            f"{spec.num_layers}; re-export the artifact")
+    outs = {"hidden_states" if role == "target" else "out_hidden": spec.hidden_size}
+    outs |= {"logits": spec.vocab_size} if role == "target" else {"topk_ids": top_k, "topk_logprobs": top_k}
+    outs |= {f"new_{kind}.{i}": spec.kv_width for i in range(spec.num_layers) for kind in ("key", "value")}
+    for kind, declared, expected in (("input", inputs, want), ("output", outputs, outs)):
+        for name, width in expected.items():
+            shape = declared.get(name)
+            if shape is None:
+                raise DovetailError(f"{role} graph has no {kind} {name}; it is not a dovetail-onnx graph, re-export it")
+            if width is not None and shape[-1] != width:
+                raise DovetailError(f"{role} graph {kind} {name} has shape {shape}, the manifest implies width "
+                                    f"{width}; re-export the artifact")
