@@ -8,20 +8,28 @@ from pathlib import Path
 from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.generator import GeneratorParams, Model, Stats, generate
 from dovetail_onnx.runtime.manifest import TreeSettings
+from dovetail_onnx.runtime.tokenizer import decode_utf8
 
 
 def load_prompts(path: Path, n: int | None) -> list[str]:
     """`turns[0]` of each JSON line (`{"question_id", "turns": [...]}`)."""
     if not path.is_file():
         raise DovetailError(f"prompt file {path} does not exist")
+    try:
+        text = decode_utf8(path.read_bytes(), f"prompt file {path}")
+    except OSError as exc:
+        raise DovetailError(f"cannot read prompt file {path} ({exc.strerror or exc})") from exc
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            prompts.append(json.loads(line)["turns"][0])
+            prompt = json.loads(line)["turns"][0]
         except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
             raise DovetailError(f"{path}:{number} is not a Spec-Bench line with a 'turns' list ({exc})") from exc
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DovetailError(f"{path}:{number}: turns[0] is not a non-empty string")
+        prompts.append(prompt)
     if not prompts:
         raise DovetailError(f"{path} holds no prompts")
     return prompts[:n] if n else prompts

@@ -16,6 +16,7 @@ from dovetail_onnx.runtime.drafter import Drafter
 from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.manifest import TreeSettings, load_manifest
 from dovetail_onnx.runtime.sampling import SamplingParams
+from dovetail_onnx.runtime.sessions import usable_cores
 from dovetail_onnx.runtime.target import Target
 from dovetail_onnx.runtime.tokenizer import Tokenizer
 from dovetail_onnx.runtime.verify import accept_greedy, accept_sampled
@@ -28,13 +29,21 @@ class Model:
 
     def __init__(self, folder: str | Path, draft_device: str = "auto", threads: int | None = None,
                  draft_threads: int | None = None, verify_checksums: bool = True):
+        for name, value in (("threads", threads), ("draft_threads", draft_threads)):
+            if value is not None and not (type(value) is int and 1 <= value <= usable_cores()):
+                raise DovetailError(f"{name} must be from 1 to this machine's {usable_cores()} cores, got {value!r}; "
+                                    "more threads than cores stall ONNX Runtime")
         self.manifest = load_manifest(folder, verify=verify_checksums)
         self.tokenizer = Tokenizer(self.manifest.folder, self.manifest.chat_template, self.manifest.special_tokens)
         self.target = Target(self.manifest, threads)
         self.drafter = Drafter(self.manifest, draft_device, draft_threads or threads)
 
-    def encode_prompt(self, text: str, raw: bool = False) -> list[int]:
-        return self.tokenizer.encode(text) if raw else self.tokenizer.chat([{"role": "user", "content": text}])
+    def encode_prompt(self, text: str, raw: bool = False, special: bool = False) -> list[int]:
+        """`raw`: the text as is (its special-token strings are control tokens: it is the user's own template);
+        otherwise one user message, plain text unless `special` opts in."""
+        if raw:
+            return self.tokenizer.encode(text)
+        return self.tokenizer.chat([{"role": "user", "content": text}], special=special)
 
 
 @dataclass
@@ -47,14 +56,13 @@ class GeneratorParams:
     sampling: SamplingParams = SamplingParams()  # greedy unless a temperature is set
 
     def check(self, model: Model, prompt_len: int) -> None:
-        if self.max_new_tokens < 1:
+        if type(self.max_new_tokens) is not int or self.max_new_tokens < 1:
             raise DovetailError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.mode not in MODES:
             raise DovetailError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
-        self.sampling.check()
-        t = self.tree
-        if t.top_k < 1 or t.depth < 1 or t.total_tokens < 2:
-            raise DovetailError(f"tree settings need top_k ≥ 1, depth ≥ 1, tree tokens ≥ 2; got {t}")
+        self.sampling.check(model.manifest.target.vocab_size)
+        if problem := self.tree.problem(model.manifest.max_top_k):
+            raise DovetailError(f"{problem} (tree limits of this artifact's graphs)")
         if prompt_len < 1:
             raise DovetailError("the prompt is empty; give some text")
         context = model.manifest.context_length
@@ -108,6 +116,10 @@ class Generator:
         params = replace(params, tree=params.tree or model.manifest.tree,
                          eos_token_ids=params.eos_token_ids or model.manifest.eos_token_ids)
         params.check(model, len(prompt))
+        vocab = model.manifest.target.vocab_size
+        if bad := [t for t in prompt if not (isinstance(t, (int, np.integer)) and 0 <= t < vocab)]:
+            raise DovetailError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab}); encode text with "
+                                "model.tokenizer")
         self.model, self.params, self.stats = model, params, Stats()
         self.prompt = np.asarray(prompt, dtype=np.int64)
         self.tokens: list[int] = []

@@ -1,6 +1,7 @@
 """Sampling settings and the target's sampling distribution (temperature, top-k, top-p)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,13 +16,16 @@ class SamplingParams:
     top_k: int = 0  # 0: no limit
     seed: int | None = None
 
-    def check(self) -> None:
-        if not self.temperature >= 0:
-            raise DovetailError(f"--temperature must be ≥ 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+    def check(self, vocab_size: int | None = None) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise DovetailError(f"--temperature must be a finite number ≥ 0 (0 = greedy), got {self.temperature}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise DovetailError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise DovetailError(f"--sample-top-k must be ≥ 0 (0 = no limit), got {self.top_k}")
+        if not (isinstance(self.top_k, int) and 0 <= self.top_k <= (vocab_size or self.top_k)):
+            limit = f" and at most the vocabulary size {vocab_size}" if vocab_size else ""
+            raise DovetailError(f"--sample-top-k must be ≥ 0 (0 = no limit){limit}, got {self.top_k}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
+            raise DovetailError(f"--seed must be an integer from 0 to 2**64 - 1, got {self.seed}")
 
     @property
     def greedy(self) -> bool:
