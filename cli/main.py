@@ -7,12 +7,13 @@ from pathlib import Path
 
 import click
 
-from dovetail_onnx.cli.command import Command
+from dovetail_onnx.cli.command import Command, Group
+from dovetail_onnx.cli.options import DEPTH, SEED, TOP_K, TREE_TOKENS, FiniteFloat, Threads, read_text
 from dovetail_onnx.cli.train import train
 from dovetail_onnx.runtime.errors import DovetailError
 
 
-@click.group()
+@click.group(cls=Group)
 @click.version_option(package_name="dovetail-onnx")
 def main() -> None:
     """Lossless speculative decoding: target LLM on the CPU, DGF drafter on the GPU, all in ONNX Runtime."""
@@ -27,9 +28,9 @@ def main() -> None:
                    "[default: the shipped drafter trained for TARGET].")
 @click.option("--drafter-layers", type=click.IntRange(1, 6), default=1, show_default=True,
               help="Layers of a random drafter.")
-@click.option("--top-k", type=int, default=10, show_default=True, help="Default tree top-k stored in the artifact.")
-@click.option("--depth", type=int, default=7, show_default=True, help="Default tree depth.")
-@click.option("--tree-tokens", type=int, default=16, show_default=True, help="Default tree size (root included).")
+@click.option("--top-k", type=TOP_K, default=10, show_default=True, help="Default tree top-k stored in the artifact.")
+@click.option("--depth", type=DEPTH, default=7, show_default=True, help="Default tree depth.")
+@click.option("--tree-tokens", type=TREE_TOKENS, default=16, show_default=True, help="Default tree size (root included).")
 @click.option("--draft-vocab", type=click.IntRange(min=0), default=None,
               help="Tokens the drafter head scores, most frequent first; 0 = all [default: the drafter's setting].")
 @click.option("--cpu-drafter/--no-cpu-drafter", default=True, show_default=True,
@@ -47,42 +48,49 @@ def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, d
 @main.command(cls=Command)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", help="Prompt text.")
-@click.option("--prompt-file", type=click.File("r"), help="Read the prompt from a file.")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Read the prompt from a UTF-8 file.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@click.option("--special-tokens", is_flag=True,
+              help="Let special-token strings typed in the prompt (e.g. <|im_end|>) act as control tokens; by default "
+                   "a chat message is plain text. --raw prompts always parse them.")
 @click.option("--mode", type=click.Choice(["speculative", "target-only"]), default="speculative", show_default=True)
-@click.option("--top-k", type=int, help="Tree top-k [default: the artifact's].")
-@click.option("--depth", type=int, help="Tree depth [default: the artifact's].")
-@click.option("--tree-tokens", type=int, help="Tree size, root included [default: the artifact's].")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
-@click.option("--sample-top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest (0 = all).")
-@click.option("--seed", type=int, help="Sampling seed.")
+@click.option("--top-k", type=TOP_K, help="Tree top-k [default: the artifact's].")
+@click.option("--depth", type=DEPTH, help="Tree depth [default: the artifact's].")
+@click.option("--tree-tokens", type=TREE_TOKENS, help="Tree size, root included [default: the artifact's].")
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling mass.")
+@click.option("--sample-top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sample among the k likeliest (0 = all).")
+@click.option("--seed", type=SEED, help="Sampling seed.")
 @click.option("--ignore-eos", is_flag=True, help="Generate --max-new-tokens tokens even past an end-of-turn token.")
 @click.option("--draft-device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--threads", type=int, help="Intra-op threads per session [default: ONNX Runtime's choice].")
+@click.option("--threads", type=Threads(), help="Intra-op threads per session, at most the cores [default: ONNX Runtime's choice].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(artifact, prompt, prompt_file, max_new_tokens, raw, mode, top_k, depth, tree_tokens, temperature, top_p,
-             sample_top_k, seed, ignore_eos, draft_device, threads, as_json):
+def generate(artifact, prompt, prompt_file, max_new_tokens, raw, special_tokens, mode, top_k, depth, tree_tokens,
+             temperature, top_p, sample_top_k, seed, ignore_eos, draft_device, threads, as_json):
     """Generate from a prompt (--prompt, --prompt-file or stdin) with an exported ARTIFACT."""
     from dataclasses import replace
 
     from dovetail_onnx.runtime import Generator, GeneratorParams, Model, SamplingParams
     from dovetail_onnx.runtime.tokenizer import StreamDecoder
 
+    if prompt is not None and prompt_file is not None:
+        raise DovetailError("both --prompt and --prompt-file given; pass one of them")
     if prompt is None:
-        prompt = prompt_file.read() if prompt_file else (None if sys.stdin.isatty() else sys.stdin.read())
-    if not prompt:
-        raise DovetailError("no prompt: pass --prompt TEXT, --prompt-file F, or pipe text on stdin")
-    if max_new_tokens < 1:
-        raise DovetailError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        if prompt_file is None and sys.stdin.isatty():
+            raise DovetailError("no prompt: pass --prompt TEXT, --prompt-file F, or pipe text on stdin")
+        prompt = read_text(prompt_file)
+    if not prompt.strip():
+        raise DovetailError("the prompt is empty or only whitespace; pass some text with --prompt, --prompt-file or stdin")
     sampling = SamplingParams(temperature, top_p, sample_top_k, seed)
-    sampling.check()
     model = Model(artifact, draft_device=draft_device, threads=threads)
     tree = model.manifest.tree
     tree = replace(tree, **{k: v for k, v in (("top_k", top_k), ("depth", depth), ("total_tokens", tree_tokens)) if v is not None})
     params = GeneratorParams(max_new_tokens, mode, tree, stop_at_eos=not ignore_eos, sampling=sampling)
-    generator = Generator(model, params, model.encode_prompt(prompt, raw))
+    generator = Generator(model, params, model.encode_prompt(prompt, raw, special_tokens))
     stream = StreamDecoder(model.tokenizer)
     for new in generator:
         piece = stream.push(new)
@@ -95,18 +103,18 @@ def generate(artifact, prompt, prompt_file, max_new_tokens, raw, mode, top_k, de
         click.echo(json.dumps({"text": model.tokenizer.decode(generator.tokens), "token_ids": generator.tokens,
                                "stats": stats}))
     else:
-        click.echo()
+        click.echo(stream.flush())
         click.echo(f"[{stats['new_tokens']} tokens, {stats['mean_accepted']} per target forward, "
                    f"{stats['tokens_per_s']} tok/s, draft on {stats['draft_provider']}]", err=True)
 
 
-def int_list(ctx, param, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"expected integers separated by commas, got {value!r}") from None
+def int_list(kind: click.IntRange):
+    """Callback for a comma list of integers, each checked against `kind`'s range."""
+
+    def convert(ctx, param, value: str | None) -> list[int] | None:
+        return None if value is None else [kind.convert(v.strip(), param, ctx) for v in value.split(",")]
+
+    return convert
 
 
 @main.command(cls=Command)
@@ -115,11 +123,11 @@ def int_list(ctx, param, value: str | None) -> list[int] | None:
               help="Spec-Bench JSONL (turns[0] is the user message; the chat template is applied).")
 @click.option("--n", type=click.IntRange(min=1), help="Use the first N prompts.")
 @click.option("--max-new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
-@click.option("--top-k", callback=int_list, help="Tree top-k, or a comma list to sweep [default: the artifact's].")
-@click.option("--depth", callback=int_list, help="Tree depth, or a comma list to sweep.")
-@click.option("--tree-tokens", callback=int_list, help="Tree size, or a comma list to sweep.")
+@click.option("--top-k", callback=int_list(TOP_K), help="Tree top-k, or a comma list to sweep [default: the artifact's].")
+@click.option("--depth", callback=int_list(DEPTH), help="Tree depth, or a comma list to sweep.")
+@click.option("--tree-tokens", callback=int_list(TREE_TOKENS), help="Tree size, or a comma list to sweep.")
 @click.option("--draft-device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--threads", type=int, help="Intra-op threads per session [default: ONNX Runtime's choice].")
+@click.option("--threads", type=Threads(), help="Intra-op threads per session, at most the cores [default: ONNX Runtime's choice].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, draft_device, threads, as_json):
     """Speculative vs target-only decoding speed on a prompt set, with exactness checked."""

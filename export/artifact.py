@@ -70,6 +70,9 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
         status.update("preparing drafter")
         draft = make_drafter(drafter, drafter_layers, model, tokenizer, console)
         out.mkdir(parents=True, exist_ok=True)
+        # Until the new manifest is written the folder is no artifact: an interrupted export is never
+        # mistaken for a whole one, nor an old manifest paired with half-written graphs.
+        (out / MANIFEST).unlink(missing_ok=True)
         status.update("exporting target.onnx (and checking it against PyTorch)")
         export_target(model, out / "target.onnx")
         status.update("exporting drafter.onnx")
@@ -81,7 +84,9 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
         status.update("writing tokenizer and manifest")
         tokenizer.save_pretrained(out)
         manifest = build_manifest(model, tokenizer, draft, tree, draft_vocab, cpu_drafter, out)
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        partial = out / f"{MANIFEST}.partial"
+        partial.write_text(json.dumps(manifest, indent=2) + "\n")
+        partial.replace(out / MANIFEST)
     console.print(f"exported {out} in {time.perf_counter() - started:.1f} s")
     return manifest
 

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from dovetail_onnx.export.drafter import Drafter, DrafterConfig, load_drafter, random_drafter, save_drafter
+from dovetail_onnx.export.drafter import Drafter, load_drafter, random_drafter, save_drafter
 from dovetail_onnx.export.modules import causal_mask
 from dovetail_onnx.runtime.manifest import load_manifest
 from dovetail_onnx.runtime.tree import additive

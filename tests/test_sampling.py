@@ -7,7 +7,7 @@ import pytest
 from dovetail_onnx.runtime import GeneratorParams, SamplingParams, generate
 from dovetail_onnx.runtime.tree import Tree
 from dovetail_onnx.runtime.verify import accept_sampled
-from test_errors import fails
+from clirun import fails
 
 
 def test_acceptance_reproduces_the_target_distribution():
@@ -61,4 +61,4 @@ def test_seed_reproduces_and_temperature_varies(models):
 @pytest.mark.parametrize("args,match", [(["--temperature", "-1"], "--temperature"), (["--top-p", "0"], "--top-p"),
                                         (["--top-p", "1.5"], "--top-p"), (["--sample-top-k", "-2"], "--sample-top-k")])
 def test_bad_sampling_values(args, match, artifacts):
-    fails(["generate", str(artifacts["llama"]), "--prompt", "hi", *args], match)
+    fails(["generate", str(artifacts["llama"]), "--prompt", "hi", *args], match, code=2)
