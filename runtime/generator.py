@@ -4,10 +4,13 @@ The whole speculative loop is `_speculative` below: draft a tree, verify it in o
 accept the longest greedy path plus a bonus token, keep those rows of the KV caches, repeat.
 
 A model's KV caches outlive a generation: the next one keeps the rows its prompt shares with the
-last one's tokens (the earlier turns of a conversation) and prefills only the rest.
+last one's tokens (the earlier turns of a conversation) and prefills only the rest. The caches
+belong to the model, so a model runs one generation at a time: a `Generator` holds the model's
+lock from its creation until it is done or closed.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -38,6 +41,7 @@ class Model:
         # Token ids of the last generation (prompt + every token its loop produced); the caches' rows are K/V of a
         # prefix of these.
         self.history: list[int] = []
+        self.lock = threading.Lock()
 
     def encode_prompt(self, text: str, raw: bool = False) -> list[int]:
         return self.tokenizer.encode(text) if raw else self.tokenizer.chat([{"role": "user", "content": text}])
@@ -109,10 +113,12 @@ class Stats:
 class Generator:
     """Step-wise generation in the manner of onnxruntime-genai: `generate_next_token()` until `is_done()`.
 
-    One step is one target forward, so it may append several tokens.
+    One step is one target forward, so it may append several tokens. The generator holds its model
+    until it is done, closed or garbage-collected; a second one on the same model meanwhile is refused.
     """
 
     def __init__(self, model: Model, params: GeneratorParams, prompt: list[int]):
+        self._holds_model = False
         params = replace(params, tree=params.tree or model.manifest.tree,
                          eos_token_ids=params.eos_token_ids or model.manifest.eos_token_ids)
         params.check(model, len(prompt))
@@ -122,16 +128,35 @@ class Generator:
         self._done = False
         loop = _speculative if params.mode == "speculative" else _target_only
         self._steps = loop(model, self.prompt, params, self.stats)
+        if not model.lock.acquire(blocking=False):
+            raise DovetailError("the model is busy with another generation; finish or close() that one first, "
+                                "or load a second Model")
+        self._holds_model = True
 
     def is_done(self) -> bool:
         return self._done
+
+    def close(self) -> None:
+        """Stop here and free the model for the next generation (its caches keep what this one computed)."""
+        self._done = True
+        if self._holds_model:
+            self._steps.close()
+            self._holds_model = False
+            self.model.lock.release()
+
+    def __del__(self) -> None:
+        self.close()
 
     def generate_next_token(self) -> list[int]:
         """Run one step; returns the tokens it added (after EOS / max_new_tokens trimming)."""
         if self._done:
             return []
         started = time.perf_counter()
-        new = next(self._steps)
+        try:
+            new = next(self._steps)
+        except BaseException:
+            self.close()
+            raise
         elapsed = time.perf_counter() - started
         if self.tokens or self.stats.prefill_s:
             self.stats.decode_s += elapsed
@@ -148,6 +173,8 @@ class Generator:
         self.stats.new_tokens = len(self.tokens)
         if len(self.tokens) >= self.params.max_new_tokens:
             self._done = True
+        if self._done:
+            self.close()
         return new
 
     def __iter__(self) -> Iterator[list[int]]:

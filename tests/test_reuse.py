@@ -1,9 +1,12 @@
-"""A model's caches carry over between generations: same output, fewer prefilled tokens."""
+"""A model's caches carry over between generations (same output, fewer prefilled tokens), and a model is never shared
+by two generations at once."""
 from __future__ import annotations
+
+import threading
 
 import pytest
 
-from dovetail_onnx.runtime import GeneratorParams, Model, SamplingParams, generate
+from dovetail_onnx.runtime import DovetailError, Generator, GeneratorParams, Model, SamplingParams, generate
 
 MODES = ["speculative", "target-only"]
 
@@ -76,3 +79,59 @@ def test_sampled_target_only_reuse_matches_cold_with_the_same_seed(model):
     tokens, stats = generate(model, prompt, params)
     assert stats.cached_tokens == len(prompt) - 2
     assert tokens == cold(model, prompt, params)
+
+
+def test_a_second_generator_on_a_busy_model_is_refused(model):
+    params = GeneratorParams(max_new_tokens=16, stop_at_eos=False)
+    a, b = model.encode_prompt("first", raw=True), model.encode_prompt("second", raw=True)
+    expected_a, expected_b = cold(model, a, params), cold(model, b, params)
+    first = Generator(model, params, a)
+    first.generate_next_token()
+    with pytest.raises(DovetailError, match="model is busy with another generation"):
+        Generator(model, params, b)
+    for _ in first:
+        pass
+    assert first.tokens == expected_a
+    second = Generator(model, params, b)  # the first is done: the model is free again
+    second.generate_next_token()
+    second.close()
+    third = Generator(model, params, b)
+    assert [t for step in third for t in step] == expected_b
+
+
+def test_an_abandoned_generator_frees_the_model(model):
+    params = GeneratorParams(max_new_tokens=16, stop_at_eos=False)
+    prompt = model.encode_prompt("abandon", raw=True)
+    expected = cold(model, prompt, params)
+    generator = Generator(model, params, prompt)
+    generator.generate_next_token()
+    del generator
+    assert generate(model, prompt, params)[0] == expected
+
+
+def test_two_threads_on_one_model_never_corrupt_each_other(model):
+    """Each thread either gets exactly its own output or the busy error; never another's tokens or a mix."""
+    params = GeneratorParams(max_new_tokens=40, stop_at_eos=False)
+    prompts = [model.encode_prompt(text, raw=True) for text in ("thread one", "thread two")]
+    expected = [cold(model, p, params) for p in prompts]
+    results: list[list] = [[], []]
+    start = threading.Barrier(2)
+
+    def run(i: int) -> None:
+        start.wait()
+        for _ in range(20):
+            try:
+                results[i].append(generate(model, prompts[i], params)[0])
+            except DovetailError as exc:
+                results[i].append(str(exc))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for i in range(2):
+        assert len(results[i]) == 20
+        for result in results[i]:
+            assert result == expected[i] or "model is busy" in result
+    assert any(result == expected[i] for i in range(2) for result in results[i])
