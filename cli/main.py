@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from dovetail_onnx.cli.command import Command
+from dovetail_onnx.cli.serve import chat, serve
 from dovetail_onnx.cli.train import train
 from dovetail_onnx.runtime.errors import DovetailError
 
@@ -190,6 +191,8 @@ def check(artifact, target, prompt_file, n, max_new_tokens, mode):
 
 
 main.add_command(train)
+main.add_command(serve)
+main.add_command(chat)
 
 if __name__ == "__main__":
     main()
