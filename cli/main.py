@@ -9,6 +9,7 @@ import click
 
 from dovetail_onnx.cli.command import Command, Group
 from dovetail_onnx.cli.options import DEPTH, SEED, TOP_K, TREE_TOKENS, FiniteFloat, Threads, read_text
+from dovetail_onnx.cli.serve import chat, serve
 from dovetail_onnx.cli.train import train
 from dovetail_onnx.runtime.errors import DovetailError
 
@@ -198,6 +199,8 @@ def check(artifact, target, prompt_file, n, max_new_tokens, mode):
 
 
 main.add_command(train)
+main.add_command(serve)
+main.add_command(chat)
 
 if __name__ == "__main__":
     main()

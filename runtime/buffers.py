@@ -1,7 +1,8 @@
-"""Memory allocated once per generation on a session's device, bound to ONNX Runtime by pointer.
+"""Memory on a session's device, bound to ONNX Runtime by pointer.
 
 Binding by pointer lets a graph read a prefix of a buffer (the valid past) and write its new rows
-right after it, so no K/V row is copied between steps.
+right after it, so no K/V row is copied between steps. KV caches outlive a generation, so the next
+one can start from the rows it shares with the last (a conversation's earlier turns).
 """
 from __future__ import annotations
 
@@ -27,6 +28,17 @@ class Buffer:
             self.value = ort.OrtValue.ortvalue_from_shape_and_type((rows, width), self.dtype, device, 0)
             self.ptr = self.value.data_ptr()
 
+    def grown(self, rows: int, keep: int) -> Buffer:
+        """A buffer of `rows` rows on the same device that starts with this one's first `keep` rows."""
+        new = Buffer(rows, self.width, self.device, self.dtype)
+        if keep and self.device == "cpu":
+            new.array[:keep] = self.array[:keep]
+        elif keep:
+            host = np.zeros((rows, self.width), dtype=self.dtype)
+            host[:keep] = self.value.numpy()[:keep]
+            new.value.update_inplace(host)
+        return new
+
     def bind_input(self, binding: ort.IOBinding, name: str, start: int, shape: list[int]) -> None:
         binding.bind_input(name, self.device, 0, self.dtype, shape, self._at(start, shape))
 
@@ -47,7 +59,14 @@ class KVCache:
         self.past_names = [f"past_{kind}.{i}" for i in range(layers) for kind in ("key", "value")]
         self.new_names = [f"new_{kind}.{i}" for i in range(layers) for kind in ("key", "value")]
         self.buffers = [Buffer(capacity, width, device) for _ in self.past_names]
-        self.length = 0
+        self.capacity, self.length = capacity, 0
+
+    def reserve(self, capacity: int, keep: int) -> None:
+        """Keep rows [0, keep) as the past and make room for `capacity` rows, growing the buffers only if needed."""
+        if capacity > self.capacity:
+            self.buffers = [buf.grown(capacity, keep) for buf in self.buffers]
+            self.capacity = capacity
+        self.length = keep
 
     def bind(self, binding: ort.IOBinding, past: int, seq: int) -> None:
         """Past = rows [0, past); the graph writes its `seq` new rows at [past, past + seq)."""

@@ -2,7 +2,8 @@
 
 The drafter keeps its own KV cache on its device. Its "stable" rows are the accepted tokens, in
 step with the target's cache; tree nodes are written after them while drafting and simply
-overwritten by the next round, so nothing is ever copied back or compacted.
+overwritten by the next round, so nothing is ever copied back or compacted. Row i pairs the
+target's feature of token i with token i + 1, so it depends on tokens [0, i + 1].
 """
 from __future__ import annotations
 
@@ -28,10 +29,24 @@ class Drafter:
             self.session, self.device = open_session(manifest.folder / self.graph, "cpu", threads, "drafter",
                                                      spin=False)
         check_io(self.session, self.spec, "drafter", self.max_top_k)
+        self.kv: KVCache | None = None
 
-    def start(self, capacity: int, settings: TreeSettings) -> None:
+    @property
+    def cached(self) -> int:
+        """Stable rows the last generation left (those of the accepted tokens)."""
+        return self.kv.length if self.kv else 0
+
+    def forget(self) -> None:
+        """Drop the stable rows: a generation that does not feed the drafter moves the history past them."""
+        if self.kv:
+            self.kv.length = 0
+
+    def start(self, capacity: int, settings: TreeSettings, keep: int = 0) -> None:
+        """Set up a generation: stable rows for `capacity` positions, of which the first `keep` stay, plus tree rows."""
         rows = capacity + settings.depth * settings.top_k
-        self.kv = KVCache(self.spec.num_layers, self.spec.kv_width, rows, self.device)
+        if self.kv is None:
+            self.kv = KVCache(self.spec.num_layers, self.spec.kv_width, rows, self.device)
+        self.kv.reserve(rows, keep)
         width = max(PREFILL_CHUNK, settings.top_k)
         # Two feature buffers: each step reads its parents' rows from the one the last step wrote.
         self.features = [Buffer(width, self.spec.hidden_size, self.device) for _ in range(2)]

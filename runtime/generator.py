@@ -2,9 +2,15 @@
 
 The whole speculative loop is `_speculative` below: draft a tree, verify it in one target forward,
 accept the longest greedy path plus a bonus token, keep those rows of the KV caches, repeat.
+
+A model's KV caches outlive a generation: the next one keeps the rows its prompt shares with the
+last one's tokens (the earlier turns of a conversation) and prefills only the rest. The caches
+belong to the model, so a model runs one generation at a time: a `Generator` holds the model's
+lock from its creation until it is done or closed.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -37,6 +43,10 @@ class Model:
         self.tokenizer = Tokenizer(self.manifest.folder, self.manifest.chat_template, self.manifest.special_tokens)
         self.target = Target(self.manifest, threads)
         self.drafter = Drafter(self.manifest, draft_device, draft_threads or threads)
+        # Token ids of the last generation (prompt + every token its loop produced); the caches' rows are K/V of a
+        # prefix of these.
+        self.history: list[int] = []
+        self.lock = threading.Lock()
 
     def encode_prompt(self, text: str, raw: bool = False, special: bool = False) -> list[int]:
         """`raw`: the text as is (its special-token strings are control tokens: it is the user's own template);
@@ -77,6 +87,7 @@ class GeneratorParams:
 class Stats:
     new_tokens: int = 0
     target_forwards: int = 0  # decode forwards; the prefill is counted apart
+    cached_tokens: int = 0  # prompt tokens whose K/V were kept from the last generation, not prefilled
     prefill_s: float = 0.0
     decode_s: float = 0.0
     draft_s: float = 0.0
@@ -96,6 +107,7 @@ class Stats:
         return {
             "new_tokens": self.new_tokens,
             "target_forwards": self.target_forwards,
+            "cached_tokens": self.cached_tokens,
             "mean_accepted": round(self.mean_accepted, 3),
             "tokens_per_s": round(self.tokens_per_s, 2),
             "prefill_s": round(self.prefill_s, 4),
@@ -109,10 +121,12 @@ class Stats:
 class Generator:
     """Step-wise generation in the manner of onnxruntime-genai: `generate_next_token()` until `is_done()`.
 
-    One step is one target forward, so it may append several tokens.
+    One step is one target forward, so it may append several tokens. The generator holds its model
+    until it is done, closed or garbage-collected; a second one on the same model meanwhile is refused.
     """
 
     def __init__(self, model: Model, params: GeneratorParams, prompt: list[int]):
+        self._holds_model = False
         params = replace(params, tree=params.tree or model.manifest.tree,
                          eos_token_ids=params.eos_token_ids or model.manifest.eos_token_ids)
         params.check(model, len(prompt))
@@ -126,16 +140,35 @@ class Generator:
         self._done = False
         loop = _speculative if params.mode == "speculative" else _target_only
         self._steps = loop(model, self.prompt, params, self.stats)
+        if not model.lock.acquire(blocking=False):
+            raise DovetailError("the model is busy with another generation; finish or close() that one first, "
+                                "or load a second Model")
+        self._holds_model = True
 
     def is_done(self) -> bool:
         return self._done
+
+    def close(self) -> None:
+        """Stop here and free the model for the next generation (its caches keep what this one computed)."""
+        self._done = True
+        if self._holds_model:
+            self._steps.close()
+            self._holds_model = False
+            self.model.lock.release()
+
+    def __del__(self) -> None:
+        self.close()
 
     def generate_next_token(self) -> list[int]:
         """Run one step; returns the tokens it added (after EOS / max_new_tokens trimming)."""
         if self._done:
             return []
         started = time.perf_counter()
-        new = next(self._steps)
+        try:
+            new = next(self._steps)
+        except BaseException:
+            self.close()
+            raise
         elapsed = time.perf_counter() - started
         if self.tokens or self.stats.prefill_s:
             self.stats.decode_s += elapsed
@@ -152,6 +185,8 @@ class Generator:
         self.stats.new_tokens = len(self.tokens)
         if len(self.tokens) >= self.params.max_new_tokens:
             self._done = True
+        if self._done:
+            self.close()
         return new
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -166,18 +201,37 @@ def generate(model: Model, prompt: list[int], params: GeneratorParams) -> tuple[
     return generator.tokens, generator.stats
 
 
+def _reusable(model: Model, prompt: np.ndarray, caches: list[int]) -> int:
+    """How many leading rows of the caches (holding `caches` rows each) stay valid for `prompt`.
+
+    Target row i depends on tokens [0, i], drafter row i on [0, i + 1]: both hold for i < common prefix − 1.
+    Keeping one token less than the common prefix also leaves the prefill at least one token, whose
+    logits give the first new token and whose feature the drafter needs.
+    """
+    held = np.asarray(model.history[: len(prompt)], dtype=np.int64)
+    differs = np.flatnonzero(held != prompt[: len(held)])
+    common = differs[0] if len(differs) else len(held)
+    return int(max(0, min(common - 1, *caches)))
+
+
 def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stats: Stats) -> Iterator[list[int]]:
     target, drafter, tree_settings, sampling = model.target, model.drafter, params.tree, params.sampling
     rng = np.random.default_rng(sampling.seed)
     capacity = len(prompt) + params.max_new_tokens + tree_settings.total_tokens
-    target.start(capacity, tree_settings.total_tokens)
-    drafter.start(capacity, tree_settings)
+    # A seed's draws follow the drafter's trees, and the int8 drafter's rows depend on the rows computed in the same
+    # call: kept rows could change the draws, so sampling starts cold and a seed always repeats its output.
+    keep = _reusable(model, prompt, [target.cached, drafter.cached]) if sampling.greedy else 0
+    target.start(capacity, tree_settings.total_tokens, keep)
+    drafter.start(capacity, tree_settings, keep)
+    model.history = prompt.tolist()
+    stats.cached_tokens = keep
 
-    logits, features = target.prefill(prompt)
+    logits, features = target.prefill(prompt[keep:])
     token = _pick(logits[None], sampling, rng)
+    model.history.append(token)
     yield [token]
     # The drafter reads (target feature of token i, token i+1): the prompt shifted by one.
-    next_tokens = np.append(prompt[1:], token)
+    next_tokens = np.append(prompt[keep + 1 :], token)
     while True:
         t0 = time.perf_counter()
         tree = drafter.propose(features, next_tokens)
@@ -195,6 +249,7 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
         stats.verify_s += t2 - t1
         stats.target_forwards += 1
         stats.accepted.append(len(path))
+        model.history += next_tokens.tolist()
         yield next_tokens.tolist()
 
 
@@ -202,9 +257,14 @@ def _target_only(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     """Plain decoding through the same target graph: the baseline for tests and benchmarks."""
     target, sampling = model.target, params.sampling
     rng = np.random.default_rng(sampling.seed)
-    target.start(len(prompt) + params.max_new_tokens, 1)
-    logits, _ = target.prefill(prompt)
+    keep = _reusable(model, prompt, [target.cached])
+    target.start(len(prompt) + params.max_new_tokens, 1, keep)
+    model.drafter.forget()
+    model.history = prompt.tolist()
+    stats.cached_tokens = keep
+    logits, _ = target.prefill(prompt[keep:])
     token = _pick(logits[None], sampling, rng)
+    model.history.append(token)
     yield [token]
     visible = np.zeros((1, 1, 1, 1), dtype=np.float32)
     while True:
@@ -214,6 +274,7 @@ def _target_only(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
         token = _pick(logits, sampling, rng)
         stats.verify_s += time.perf_counter() - t0
         stats.target_forwards += 1
+        model.history.append(token)
         yield [token]
 
 

@@ -16,10 +16,18 @@ class Target:
         self.spec = manifest.target
         self.session, self.device = open_session(manifest.folder / self.spec.file, "cpu", threads, "target")
         check_io(self.session, self.spec, "target")
+        self.kv: KVCache | None = None
 
-    def start(self, capacity: int, max_seq: int) -> None:
-        """Allocate this generation's buffers: KV for `capacity` positions, outputs for `max_seq` rows."""
-        self.kv = KVCache(self.spec.num_layers, self.spec.kv_width, capacity, "cpu")
+    @property
+    def cached(self) -> int:
+        """Rows of the KV cache the last generation left: K/V of its first tokens."""
+        return self.kv.length if self.kv else 0
+
+    def start(self, capacity: int, max_seq: int, keep: int = 0) -> None:
+        """Set up a generation: KV for `capacity` positions whose first `keep` rows stay, outputs for `max_seq` rows."""
+        if self.kv is None:
+            self.kv = KVCache(self.spec.num_layers, self.spec.kv_width, capacity, "cpu")
+        self.kv.reserve(capacity, keep)
         self.rows = max(max_seq, PREFILL_CHUNK)
         self.logits = Buffer(self.rows, self.spec.vocab_size, "cpu")
         self.hidden = Buffer(self.rows, self.spec.hidden_size, "cpu")
@@ -38,12 +46,13 @@ class Target:
         self.session.run_with_iobinding(b)
         return self.logits.array[:seq], self.hidden.array[:seq]
 
-    def prefill(self, prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Process the prompt; returns (last logits [V], hidden states of every prompt token [n, H])."""
-        features = np.empty((len(prompt), self.spec.hidden_size), dtype=np.float32)
-        for start in range(0, len(prompt), PREFILL_CHUNK):
-            chunk = prompt[start : start + PREFILL_CHUNK]
-            logits, hidden = self.forward(chunk, np.arange(start, start + len(chunk)), causal(len(chunk)))
+    def prefill(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Process `tokens` after the kept past; returns (last logits [V], hidden states of every one of them [n, H])."""
+        features = np.empty((len(tokens), self.spec.hidden_size), dtype=np.float32)
+        for start in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[start : start + PREFILL_CHUNK]
+            past = self.kv.length
+            logits, hidden = self.forward(chunk, np.arange(past, past + len(chunk)), causal(len(chunk)))
             features[start : start + len(chunk)] = hidden
             self.kv.keep(np.arange(len(chunk)))
         return logits[-1].copy(), features

@@ -107,3 +107,49 @@ def test_cuda_fallback_is_reported_never_silent(artifacts):
         assert "drafter fell back to the CPU" in result.stderr
     result = CliRunner().invoke(main, args + ["--draft-device", "cuda"])
     assert result.exit_code == 1 and "asked for CUDA but ONNX Runtime runs it on the CPU" in result.stderr
+
+
+def test_chat_turns_stream_the_replies_of_generate(artifacts, models):
+    """Two turns, /stats, /reset, then Ctrl-D: each reply is generate's for the conversation so far."""
+    from dovetail_onnx.runtime import GeneratorParams, generate
+
+    model = models["qwen2"]
+    messages = [{"role": "user", "content": "hi"}]
+    first, _ = generate(model, model.tokenizer.chat(messages), GeneratorParams(max_new_tokens=12))
+    messages += [{"role": "assistant", "content": model.tokenizer.decode(first)}, {"role": "user", "content": "more"}]
+    second, _ = generate(model, model.tokenizer.chat(messages), GeneratorParams(max_new_tokens=12))
+    result = CliRunner().invoke(main, ["chat", str(artifacts["qwen2"]), "--max-new-tokens", "12", "--draft-device",
+                                       "cpu"], input="hi\nmore\n/stats\n/reset\n")
+    assert result.exit_code == 0, result.output
+    replies = [model.tokenizer.decode(first), model.tokenizer.decode(second)]
+    assert f">>> {replies[0]}\n>>> {replies[1]}\n>>> " in result.stdout
+    assert "prompt tokens reused from the last turn" in result.stdout and "(a new conversation)" in result.stdout
+
+
+def test_ctrl_c_stops_a_chat_reply_not_the_chat(artifacts, monkeypatch):
+    from dovetail_onnx.runtime import Generator
+
+    step = Generator.generate_next_token
+    calls = {"n": 0}
+
+    def interrupted(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Generator, "generate_next_token", interrupted)
+    result = CliRunner().invoke(main, ["chat", str(artifacts["qwen2"]), "--max-new-tokens", "12", "--draft-device",
+                                       "cpu"], input="hi\nagain\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count(" [stopped]") == 1 and calls["n"] > 3
+
+
+def test_serve_without_fastapi_says_what_to_install(artifacts):
+    script = NO_TORCH + (
+        "sys.modules['fastapi'] = None\n"
+        "from dovetail_onnx.cli.main import main\n"
+        f"main(['serve', {str(artifacts['llama'])!r}])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 1 and "pip install 'dovetail-onnx[serve]'" in run.stderr

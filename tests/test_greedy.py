@@ -62,8 +62,8 @@ class Recording:
     def __init__(self, drafter):
         self.drafter, self.trees = drafter, []
 
-    def start(self, *args) -> None:
-        self.drafter.start(*args)
+    def __getattr__(self, name):
+        return getattr(self.drafter, name)
 
     def propose(self, *args):
         self.trees.append(self.drafter.propose(*args))

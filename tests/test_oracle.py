@@ -13,7 +13,9 @@ from dovetail_onnx.runtime.tree import Tree
 
 
 class OracleDrafter:
-    """Same interface as runtime.drafter.Drafter: start(capacity, settings), propose(features, tokens)."""
+    """Same interface as runtime.drafter.Drafter: start(capacity, settings, keep), propose(features, tokens)."""
+
+    cached = 0  # keeps no rows between generations
 
     def __init__(self, prompt: list[int], continuation: list[int], vocab: int, seed: int = 0):
         self.sequence = prompt + continuation
@@ -21,7 +23,7 @@ class OracleDrafter:
         self.rng = np.random.default_rng(seed)
         self.device = "cpu"
 
-    def start(self, capacity, settings) -> None:
+    def start(self, capacity, settings, keep=0) -> None:
         self.seen = 1  # tokens of `sequence` the runtime has handed over (the prompt's first is implicit)
 
     def wrong(self, token: int) -> int:
