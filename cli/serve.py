@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from dovetail_onnx.cli.command import Command
+from dovetail_onnx.cli.options import SEED, FiniteFloat, Threads
 from dovetail_onnx.runtime import Generator, GeneratorParams, Model, SamplingParams, Stats
 from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.tokenizer import StreamDecoder
@@ -14,7 +15,8 @@ from dovetail_onnx.runtime.tokenizer import StreamDecoder
 artifact_argument = click.argument("artifact", type=click.Path(path_type=Path))
 draft_device_option = click.option("--draft-device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
                                    show_default=True)
-threads_option = click.option("--threads", type=int, help="Intra-op threads per session [default: ONNX Runtime's choice].")
+threads_option = click.option("--threads", type=Threads(),
+                              help="Intra-op threads per session, at most the cores [default: ONNX Runtime's choice].")
 
 
 @click.command(cls=Command)
@@ -46,9 +48,10 @@ def serve(artifact, host, port, max_queue, api_key, draft_device, threads):
 @artifact_argument
 @click.option("--system", help="A system message to start the conversation with.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Longest reply.")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
-@click.option("--seed", type=int, help="Sampling seed.")
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling mass.")
+@click.option("--seed", type=SEED, help="Sampling seed.")
 @draft_device_option
 @threads_option
 def chat(artifact, system, max_new_tokens, temperature, top_p, seed, draft_device, threads):
@@ -93,7 +96,7 @@ def reply(model: Model, messages: list[dict], max_new_tokens: int, sampling: Sam
             piece = stream.push(new)
             text += piece
             click.echo(piece, nl=False)
-        rest = model.tokenizer.decode(generator.tokens)[len(text):]
+        rest = stream.flush()
         text += rest
         click.echo(rest)
     except KeyboardInterrupt:

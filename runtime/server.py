@@ -110,9 +110,9 @@ class StopText:
         self.text += self.decoder.push(ids)
         return self._release(len(self.text) - self.hold)
 
-    def finish(self, ids: list[int]) -> str:
+    def finish(self) -> str:
         """The rest once generation ended: held-back text and any character the stream decoder waited on."""
-        self.text += self.tokenizer.decode(ids)[len(self.text):]
+        self.text += self.decoder.flush()
         return self._release(len(self.text))
 
     def _release(self, end: int) -> str:
@@ -154,7 +154,7 @@ class Job:
         try:
             while not generator.is_done() and not text.stopped and not self.cancelled.is_set():
                 self._text(text.push(generator.generate_next_token()))
-            self._text(text.finish(generator.tokens))
+            self._text(text.finish())
             tokens, params = generator.tokens, generator.params
             eos = bool(tokens) and params.stop_at_eos and tokens[-1] in params.eos_token_ids
             stats = {**generator.stats.as_dict(), "target_provider": model.target.session.get_providers()[0],
