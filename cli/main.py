@@ -36,14 +36,17 @@ def main() -> None:
               help="Tokens the drafter head scores, most frequent first; 0 = all [default: the drafter's setting].")
 @click.option("--cpu-drafter/--no-cpu-drafter", default=True, show_default=True,
               help="Also write an int8 drafter (ONNX Runtime dynamic quantization) for when it runs on a CPU.")
-def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, draft_vocab, cpu_drafter):
+@click.option("--precision", type=click.Choice(["fp32", "int8", "int4"]), default="fp32", show_default=True,
+              help="Target weights: fp32, or int8/int4 MatMulNBits (a quantized target is its own model: speculative "
+                   "output equals that artifact's target-only output).")
+def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, draft_vocab, cpu_drafter, precision):
     """Export TARGET (a Hugging Face folder or a .gguf file) and a drafter to ONNX."""
     from dovetail_onnx.export.artifact import export_artifact  # torch lives only on this path
     from dovetail_onnx.runtime.manifest import TreeSettings
 
     output = output or Path("artifacts") / Path(target).stem
     export_artifact(target, output, drafter, drafter_layers, TreeSettings(top_k, depth, tree_tokens), draft_vocab,
-                    cpu_drafter)
+                    cpu_drafter, precision)
 
 
 @main.command(cls=Command)

@@ -11,9 +11,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dovetail_onnx.export.drafter import Drafter, load_drafter, random_drafter, target_fingerprint
 from dovetail_onnx.export.drafter_export import export_drafter, quantize_int8
 from dovetail_onnx.export.load import load_target
-from dovetail_onnx.export.target import dims_of, export_target
+from dovetail_onnx.export.target import export_target
 from dovetail_onnx.runtime.errors import DovetailError
-from dovetail_onnx.runtime.manifest import FORMAT_VERSION, MANIFEST, TreeSettings, sha256_of
+from dovetail_onnx.runtime.manifest import FORMAT_VERSION, MANIFEST, GraphSpec, TreeSettings, sha256_of
 
 MAX_TOP_K = 16
 SHIPPED = Path(__file__).parent / "drafters"
@@ -28,19 +28,17 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[
     return sorted(found)
 
 
-def build_manifest(model, tokenizer, drafter: Drafter, tree: TreeSettings, draft_vocab: int, cpu_drafter: bool,
-                   folder: Path) -> dict:
-    _, kv_heads, head_dim = dims_of(model.config)
+def build_manifest(model, tokenizer, target: GraphSpec, drafter: Drafter, tree: TreeSettings, draft_vocab: int,
+                   cpu_drafter: bool, folder: Path) -> dict:
     c, d = model.config, drafter.config
     graphs = ["target.onnx", "drafter.onnx"] + (["drafter.int8.onnx"] if cpu_drafter else [])
     files = [f for g in graphs for f in (g, g + ".data")] + ["tokenizer.json"]
     return {
         "format_version": FORMAT_VERSION,
-        "target": {"file": "target.onnx", "num_layers": c.num_hidden_layers, "kv_width": kv_heads * head_dim,
-                   "hidden_size": c.hidden_size, "vocab_size": c.vocab_size},
-        "drafter": {"file": "drafter.onnx", "num_layers": d.num_layers, "kv_width": d.num_key_value_heads * d.head_dim,
-                    "hidden_size": d.hidden_size, "vocab_size": d.vocab_size,
-                    "cpu_file": "drafter.int8.onnx" if cpu_drafter else None},
+        "target": target.model_dump(exclude_none=True),
+        "drafter": {"file": "drafter.onnx", "num_layers": d.num_layers, "kv_heads": d.num_key_value_heads,
+                    "kv_width": d.num_key_value_heads * d.head_dim, "hidden_size": d.hidden_size,
+                    "vocab_size": d.vocab_size, "cpu_file": "drafter.int8.onnx" if cpu_drafter else None},
         "max_top_k": MAX_TOP_K,
         "fusion": d.fusion,
         "draft_vocab_size": draft_vocab or c.vocab_size,
@@ -57,11 +55,12 @@ def build_manifest(model, tokenizer, drafter: Drafter, tree: TreeSettings, draft
 
 def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_layers: int = 1,
                     tree: TreeSettings = TreeSettings(), draft_vocab: int | None = None,
-                    cpu_drafter: bool = True, console: Console | None = None) -> dict:
+                    cpu_drafter: bool = True, precision: str = "fp32", console: Console | None = None) -> dict:
     """Write target.onnx, drafter.onnx (+ drafter.int8.onnx), tokenizer files and dovetail.json into `out`.
 
     `draft_vocab`: tokens the drafter's head scores (0: all; None: the drafter's own setting).
     `cpu_drafter`: also write the int8 drafter the runtime uses when the drafter runs on a CPU.
+    `precision`: the target's weights, fp32, int8 or int4 (see export/target.py).
     """
     console = console or Console(stderr=True)
     started = time.perf_counter()
@@ -73,8 +72,8 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
         # Until the new manifest is written the folder is no artifact: an interrupted export is never
         # mistaken for a whole one, nor an old manifest paired with half-written graphs.
         (out / MANIFEST).unlink(missing_ok=True)
-        status.update("exporting target.onnx (and checking it against PyTorch)")
-        export_target(model, out / "target.onnx")
+        status.update(f"building target.onnx ({precision}) and checking it")
+        target_graph = export_target(model, tokenizer, out / "target.onnx", precision)
         status.update("exporting drafter.onnx")
         draft_vocab = draft.config.draft_vocab_size if draft_vocab is None else draft_vocab
         export_drafter(draft, out / "drafter.onnx", MAX_TOP_K, draft_vocab)
@@ -83,7 +82,7 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
             quantize_int8(out / "drafter.onnx", out / "drafter.int8.onnx")
         status.update("writing tokenizer and manifest")
         tokenizer.save_pretrained(out)
-        manifest = build_manifest(model, tokenizer, draft, tree, draft_vocab, cpu_drafter, out)
+        manifest = build_manifest(model, tokenizer, target_graph, draft, tree, draft_vocab, cpu_drafter, out)
         partial = out / f"{MANIFEST}.partial"
         partial.write_text(json.dumps(manifest, indent=2) + "\n")
         partial.replace(out / MANIFEST)

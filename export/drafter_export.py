@@ -18,7 +18,8 @@ from torch import nn
 
 from dovetail_onnx.export.drafter import Drafter
 from dovetail_onnx.export.modules import causal_mask
-from dovetail_onnx.export.onnx_io import export_graph, kv_names, run_graph
+from dovetail_onnx.export.onnx_io import export_graph, run_graph
+from dovetail_onnx.runtime.buffers import KVCache
 from dovetail_onnx.runtime.errors import DovetailError
 
 TOLERANCE = 1e-3
@@ -75,7 +76,7 @@ def export_drafter(drafter: Drafter, path: Path, max_top_k: int, draft_vocab: in
         causal_mask(seq),
         *[torch.randn(1, past_len, width) for _ in range(2 * layers)],
     )
-    past_names, new_names = kv_names(layers, "past"), kv_names(layers, "new")
+    past_names, new_names = KVCache.names(layers, "past"), KVCache.names(layers, "new")
     graph = DrafterGraph(drafter, max_top_k, draft_vocab)
     export_graph(
         graph,

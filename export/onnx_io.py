@@ -1,4 +1,4 @@
-"""Small helpers shared by both graph exports: naming, torch.onnx.export, a plain ORT check run."""
+"""Small helpers of the drafter export: torch.onnx.export, a plain ORT check run."""
 from __future__ import annotations
 
 import warnings
@@ -8,10 +8,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-
-
-def kv_names(layers: int, prefix: str) -> list[str]:
-    return [f"{prefix}_{kind}.{i}" for i in range(layers) for kind in ("key", "value")]
 
 
 def export_graph(module: torch.nn.Module, example: tuple, path: Path, **kwargs) -> None:

@@ -1,19 +1,42 @@
-"""Export the target LLM to `target.onnx`: tree mask in, logits + last hidden states + new K/V out."""
+"""Export the target LLM to `target.onnx`: onnxruntime-genai's fused graph, adapted to the tree contract.
+
+onnxruntime-genai's model builder writes the fastest CPU graph ONNX Runtime has for these models:
+merged QKV, GroupQueryAttention with rotary embedding and a KV cache updated in place, fused
+RMSNorms, and MatMulNBits weights for int8/int4. Its attention takes positions from the cache
+length and masks causally; a token tree needs explicit positions (past + depth) and an ancestor
+mask, which GroupQueryAttention accepts as its `position_ids` and `attention_bias` inputs. So the
+builder's graph is kept whole and only those two graph inputs are wired into every attention node.
+"""
 from __future__ import annotations
 
+import importlib.util
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
-from torch import nn
-from transformers import PreTrainedModel
+from onnx import TensorProto, helper
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dovetail_onnx.export.modules import causal_mask, decoder_layer
-from dovetail_onnx.export.onnx_io import export_graph, kv_names, run_graph
 from dovetail_onnx.runtime.errors import DovetailError
+from dovetail_onnx.runtime.manifest import GraphSpec
+from dovetail_onnx.runtime.target import Target
+from dovetail_onnx.runtime.tree import MASKED, Tree, causal
 
+PRECISIONS = ("fp32", "int8", "int4")
+# MatMulNBits with int8 activations (accuracy level 4) is the fast CPU kernel for quantized weights.
+BUILDER_OPTIONS = {"fp32": [], "int8": ["accuracy_level=4"], "int4": ["accuracy_level=4"]}
+# That kernel computes one row by another algorithm than several (logits differ by up to ~0.7), while
+# with two or more rows each row's result does not depend on the others. The runtime therefore runs
+# at least two rows a forward on quantized graphs, so tree rows equal sequential rows bit for bit.
+MIN_ROWS = {"fp32": 1, "int8": 2, "int4": 2}
 # fp32 graph against fp32 PyTorch: differences come from op order and fused kernels only.
 LOGIT_TOLERANCE = 1e-3
+GQA_POSITION_IDS, GQA_ATTENTION_BIAS = 9, 10
 
 
 def dims_of(config) -> tuple[int, int, int]:
@@ -21,111 +44,105 @@ def dims_of(config) -> tuple[int, int, int]:
     return config.num_attention_heads, config.num_key_value_heads, head_dim
 
 
-class TargetGraph(nn.Module):
-    """The causal LM forward with the runtime's KV and mask contract (see modules.py)."""
-
-    def __init__(self, model: PreTrainedModel):
-        super().__init__()
-        self.model = model.model
-        self.lm_head = model.lm_head
-        self.dims = dims_of(model.config)
-
-    def forward(self, input_ids, position_ids, attention_mask, *past):
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(x, position_ids)
-        new_kv = []
-        for i, layer in enumerate(self.model.layers):
-            x, k, v = decoder_layer(layer, x, cos, sin, past[2 * i], past[2 * i + 1], attention_mask, self.dims)
-            new_kv += [k, v]
-        hidden = self.model.norm(x)
-        return (self.lm_head(hidden), hidden, *new_kv)
+def target_spec(model: PreTrainedModel, precision: str) -> GraphSpec:
+    c = model.config
+    _, kv_heads, head_dim = dims_of(c)
+    return GraphSpec(file="target.onnx", num_layers=c.num_hidden_layers, kv_heads=kv_heads,
+                     kv_width=kv_heads * head_dim, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
+                     precision=precision, min_rows=MIN_ROWS[precision])
 
 
-def export_target(model: PreTrainedModel, path: Path) -> None:
-    """Write `path` and check it against the PyTorch model; raise if the logits drift."""
-    config = model.config
-    _, kv_heads, head_dim = dims_of(config)
-    layers = config.num_hidden_layers
-    past_len, seq = 3, 4
-    example = (
-        torch.randint(0, config.vocab_size, (1, seq)),
-        torch.arange(past_len, past_len + seq)[None],
-        causal_mask(seq),
-        *[torch.randn(1, past_len, kv_heads * head_dim) for _ in range(2 * layers)],
-    )
-    past_names, new_names = kv_names(layers, "past"), kv_names(layers, "new")
-    export_graph(
-        TargetGraph(model),
-        example,
-        path,
-        input_names=["input_ids", "position_ids", "attention_mask", *past_names],
-        output_names=["logits", "hidden_states", *new_names],
-        dynamic_axes={
-            "input_ids": {1: "seq"},
-            "position_ids": {1: "seq"},
-            "attention_mask": {2: "seq", 3: "window"},
-            **{n: {1: "past"} for n in past_names},
-            "logits": {1: "seq"},
-            "hidden_states": {1: "seq"},
-            **{n: {1: "seq"} for n in new_names},
-        },
-    )
-    validate_target(model, path)
+def export_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, precision: str) -> GraphSpec:
+    """Write `path` (+ `.data`), check it, and return its manifest entry."""
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise DovetailError("export needs onnxruntime-genai's model builder; run `pip install "
+                            "onnxruntime-genai-cuda==0.18.0` (the -cuda build installs beside onnxruntime-gpu)")
+    with tempfile.TemporaryDirectory() as tmp:
+        source, built = Path(tmp) / "hf", Path(tmp) / "built"
+        model.save_pretrained(source)
+        tokenizer.save_pretrained(source)
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(built),
+                   "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache"),
+                   "--extra_options", "include_hidden_states=true", *BUILDER_OPTIONS[precision]]
+        run = subprocess.run(command, capture_output=True, text=True)
+        if run.returncode:
+            last = (run.stderr.strip() or run.stdout.strip() or "no output").splitlines()[-1]
+            raise DovetailError(f"onnxruntime-genai's model builder failed ({last}); report the model and versions")
+        spec = target_spec(model, precision)
+        adapt_graph(built / "model.onnx", path, spec.head_dim)
+    validate_target(model, path, spec)
+    return spec
 
 
-def validate_target(model: PreTrainedModel, path: Path, prompt_len: int = 12) -> float:
-    """Prefill, then a small tree step (two branches), against transformers with a 4D mask."""
-    config = model.config
-    _, kv_heads, head_dim = dims_of(config)
+def adapt_graph(source: Path, path: Path, head_dim: int) -> None:
+    """Wire `position_ids` and `attention_bias` graph inputs into every GroupQueryAttention node, declare the
+    KV head size (so a manifest that disagrees is caught at load) and move the graph and its weights to
+    `path` (the weights are renamed on disk, never loaded)."""
+    graph = onnx.load(str(source), load_external_data=False)
+    g = graph.graph
+    for value in [*g.input, *g.output]:
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.shape.dim[3].dim_value = head_dim
+    g.input.extend([
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_bias", TensorProto.FLOAT,
+                                      ["batch_size", 1, "sequence_length", "total_sequence_length"]),
+    ])
+    attention = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    if not attention:
+        raise DovetailError("the builder's graph has no GroupQueryAttention node; report the model and versions")
+    for node in attention:
+        while len(node.input) <= GQA_ATTENTION_BIAS:
+            node.input.append("")
+        node.input[GQA_POSITION_IDS], node.input[GQA_ATTENTION_BIAS] = "position_ids", "attention_bias"
+    data = path.name + ".data"
+    for tensor in g.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(source.with_name(source.name + ".data"), path.with_name(data))
+    onnx.save(graph, str(path))
+
+
+def validate_target(model: PreTrainedModel, path: Path, spec: GraphSpec, prompt_len: int = 12) -> float:
+    """A prefill and a tree step (two branches) on the graph: every tree row must equal sequential
+    decoding of its root path, and in fp32 the logits must equal PyTorch's with the same 4D mask."""
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, config.vocab_size, (1, prompt_len), generator=generator)
-    # Tree: root, two children of the root, one grandchild under the second child.
-    tree_tokens = torch.randint(0, config.vocab_size, (1, 4), generator=generator)
-    parents = [-1, 0, 0, 2]
-    tree = np.full((4, 4), np.finfo(np.float32).min, dtype=np.float32)
-    depth = []
-    for i, p in enumerate(parents):
-        tree[i, i] = 0.0
-        node, d = p, 0
-        while node >= 0:
-            tree[i, node] = 0.0
-            node, d = parents[node], d + 1
-        depth.append(d)
-
-    total = prompt_len + 4
-    full = np.full((total, total), np.finfo(np.float32).min, dtype=np.float32)
-    full[:prompt_len, :prompt_len] = causal_mask(prompt_len).numpy()[0, 0]
-    full[prompt_len:, :prompt_len] = 0.0
-    full[prompt_len:, prompt_len:] = tree
-    positions = list(range(prompt_len)) + [prompt_len + d for d in depth]
-    with torch.no_grad():
-        reference = model(
-            input_ids=torch.cat((prompt, tree_tokens), dim=1),
-            position_ids=torch.tensor([positions]),
-            attention_mask=torch.from_numpy(full)[None, None],
-        ).logits[0].numpy()
-
-    empty = np.zeros((1, 0, kv_heads * head_dim), dtype=np.float32)
-    feeds = {
-        "input_ids": prompt.numpy(),
-        "position_ids": np.arange(prompt_len)[None],
-        "attention_mask": causal_mask(prompt_len).numpy(),
-        **{n: empty for n in kv_names(config.num_hidden_layers, "past")},
-    }
-    out = run_graph(path, feeds)
-    errors = [np.abs(out["logits"][0] - reference[:prompt_len]).max()]
-    feeds = {
-        "input_ids": tree_tokens.numpy(),
-        "position_ids": np.array([[prompt_len + d for d in depth]]),
-        "attention_mask": tree[None, None],
-        **{p: out[n] for p, n in zip(kv_names(config.num_hidden_layers, "past"), kv_names(config.num_hidden_layers, "new"))},
-    }
-    out = run_graph(path, feeds)
-    errors.append(np.abs(out["logits"][0] - reference[prompt_len:]).max())
+    prompt = torch.randint(0, spec.vocab_size, (prompt_len,), generator=generator).numpy()
+    tree = Tree(torch.randint(0, spec.vocab_size, (4,), generator=generator).numpy(), np.array([-1, 0, 0, 2]))
+    target = Target(path, spec, threads=None)
+    target.start(prompt_len + len(tree), len(tree))
+    prefill_logits = target.forward(prompt, np.arange(prompt_len), causal(prompt_len))[0].copy()
+    target.kv.keep(np.arange(prompt_len))
+    tree_logits = target.forward(tree.tokens, prompt_len + tree.depth, tree.mask())[0].copy()
+    errors = []
+    for leaf_path in tree.paths():
+        target.kv.length = prompt_len
+        for node in leaf_path:
+            row = target.forward(tree.tokens[[node]], np.array([target.kv.length]), np.zeros((1, 1, 1, 1), np.float32))
+            target.kv.keep(np.arange(1))
+            errors.append(np.abs(row[0][0] - tree_logits[node]).max())
+    if spec.precision == "fp32":
+        errors += _against_pytorch(model, prompt, tree, prefill_logits, tree_logits)
     worst = float(max(errors))
     if not worst <= LOGIT_TOLERANCE:
         raise DovetailError(
-            f"exported target disagrees with PyTorch: max |Δlogit| {worst:.2e} > {LOGIT_TOLERANCE:g}; "
-            "report the model and versions"
+            f"exported target disagrees with {'PyTorch' if spec.precision == 'fp32' else 'sequential decoding'}: "
+            f"max |Δlogit| {worst:.2e} > {LOGIT_TOLERANCE:g}; report the model and versions"
         )
     return worst
+
+
+def _against_pytorch(model, prompt: np.ndarray, tree: Tree, prefill_logits: np.ndarray, tree_logits: np.ndarray):
+    n, t = len(prompt), len(tree)
+    full = np.full((n + t, n + t), MASKED, dtype=np.float32)
+    full[:n, :n] = np.where(np.tril(np.ones((n, n), dtype=bool)), 0.0, MASKED)
+    full[n:, :n] = 0.0
+    full[n:, n:] = tree.mask()[0, 0]
+    positions = np.concatenate((np.arange(n), n + tree.depth))
+    with torch.no_grad():
+        reference = model(input_ids=torch.from_numpy(np.concatenate((prompt, tree.tokens)))[None],
+                          position_ids=torch.from_numpy(positions)[None],
+                          attention_mask=torch.from_numpy(full)[None, None]).logits[0].numpy()
+    return [np.abs(prefill_logits - reference[:n]).max(), np.abs(tree_logits - reference[n:]).max()]

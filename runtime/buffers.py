@@ -56,8 +56,7 @@ class KVCache:
 
     def __init__(self, layers: int, width: int, capacity: int, device: str):
         self.width = width
-        self.past_names = [f"past_{kind}.{i}" for i in range(layers) for kind in ("key", "value")]
-        self.new_names = [f"new_{kind}.{i}" for i in range(layers) for kind in ("key", "value")]
+        self.past_names, self.new_names = self.names(layers, "past"), self.names(layers, "new")
         self.buffers = [Buffer(capacity, width, device) for _ in self.past_names]
         self.capacity, self.length = capacity, 0
 
@@ -67,6 +66,11 @@ class KVCache:
             self.buffers = [buf.grown(capacity, keep) for buf in self.buffers]
             self.capacity = capacity
         self.length = keep
+
+    @staticmethod
+    def names(layers: int, prefix: str) -> list[str]:
+        """The graph's KV tensor names: `past_key.0, past_value.0, …` (or `new_…`)."""
+        return [f"{prefix}_{kind}.{i}" for i in range(layers) for kind in ("key", "value")]
 
     def bind(self, binding: ort.IOBinding, past: int, seq: int) -> None:
         """Past = rows [0, past); the graph writes its `seq` new rows at [past, past + seq)."""
@@ -80,4 +84,44 @@ class KVCache:
         if not np.array_equal(rows, np.arange(len(rows))):
             for buf in self.buffers:
                 buf.array[start : start + len(rows)] = buf.array[start + rows]
+        self.length = start + len(rows)
+
+
+class SharedKVCache:
+    """Per-layer K and V `[1, kv_heads, capacity, head_dim]` (the fused target's layout), each bound as both
+    the graph's past and its present: GroupQueryAttention reads rows `[0, length)` and writes the new rows
+    right after them in place. Shapes never change, so binding happens once per generation."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int):
+        self.names = self.graph_names(layers)
+        self.buffers = [np.zeros((1, kv_heads, capacity, head_dim), dtype=FLOAT) for _ in self.names]
+        self.capacity, self.length = capacity, 0
+
+    @staticmethod
+    def graph_names(layers: int) -> list[tuple[str, str]]:
+        """(past input, present output) of each K and V, as onnxruntime-genai's builder names them."""
+        return [(f"past_key_values.{i}.{kind}", f"present.{i}.{kind}") for i in range(layers) for kind in ("key", "value")]
+
+    def reserve(self, capacity: int, keep: int) -> None:
+        """Keep rows [0, keep) as the past and make room for `capacity` rows, growing the buffers only if needed."""
+        if capacity > self.capacity:
+            grown = []
+            for buf in self.buffers:
+                new = np.zeros((*buf.shape[:2], capacity, buf.shape[3]), dtype=FLOAT)
+                new[:, :, :keep] = buf[:, :, :keep]
+                grown.append(new)
+            self.buffers, self.capacity = grown, capacity
+        self.length = keep
+
+    def bind(self, binding: ort.IOBinding) -> None:
+        for (past, present), buf in zip(self.names, self.buffers):
+            binding.bind_input(past, "cpu", 0, FLOAT, list(buf.shape), buf.ctypes.data)
+            binding.bind_output(present, "cpu", 0, FLOAT, list(buf.shape), buf.ctypes.data)
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Keep the new rows `length + rows` (a root-to-node path), packed at `length` onwards."""
+        start = self.length
+        if not np.array_equal(rows, np.arange(len(rows))):
+            for buf in self.buffers:
+                buf[:, :, start : start + len(rows)] = buf[:, :, start + rows]
         self.length = start + len(rows)

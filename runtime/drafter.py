@@ -28,7 +28,13 @@ class Drafter:
             self.graph = cpu_file  # no usable GPU: the int8 graph drafts faster on a CPU
             self.session, self.device = open_session(manifest.folder / self.graph, "cpu", threads, "drafter",
                                                      spin=False)
-        check_io(self.session, self.spec, "drafter", self.max_top_k)
+        spec, top_k = self.spec, self.max_top_k
+        kv = {name: {-1: spec.kv_width} for name in KVCache.names(spec.num_layers, "past")}
+        new_kv = {name: {-1: spec.kv_width} for name in KVCache.names(spec.num_layers, "new")}
+        check_io(self.session, "drafter",
+                 {"input_ids": {}, "position_ids": {}, "attention_mask": {}, "hidden_index": {},
+                  "hidden_states": {-1: spec.hidden_size}, **kv},
+                 {"out_hidden": {-1: spec.hidden_size}, "topk_ids": {-1: top_k}, "topk_logprobs": {-1: top_k}, **new_kv})
         self.kv: KVCache | None = None
 
     @property

@@ -41,7 +41,7 @@ class Model:
                                     "more threads than cores stall ONNX Runtime")
         self.manifest = load_manifest(folder, verify=verify_checksums)
         self.tokenizer = Tokenizer(self.manifest.folder, self.manifest.chat_template, self.manifest.special_tokens)
-        self.target = Target(self.manifest, threads)
+        self.target = Target(self.manifest.folder / self.manifest.target.file, self.manifest.target, threads)
         self.drafter = Drafter(self.manifest, draft_device, draft_threads or threads)
         # Token ids of the last generation (prompt + every token its loop produced); the caches' rows are K/V of a
         # prefix of these.

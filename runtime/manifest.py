@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, St
 
 from dovetail_onnx.runtime.errors import DovetailError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "dovetail.json"
 TOKENIZER = "tokenizer.json"
 # One verify forward's rows: the target's output buffers hold this many (see buffers.PREFILL_CHUNK).
@@ -56,16 +56,29 @@ class GraphSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     file: FileName
     num_layers: Positive
-    kv_width: Positive
+    kv_heads: Positive
+    kv_width: Positive  # kv_heads × head_dim
     hidden_size: Positive
     vocab_size: Positive
+    precision: Literal["fp32", "int8", "int4"] = "fp32"  # of the weights
+    min_rows: Literal[1, 2] = 1  # rows every forward runs (see export/target.py: quantized kernels)
     cpu_file: FileName | None = None  # drafter only: the int8 graph to use when it runs on a CPU
+
+    @model_validator(mode="after")
+    def _heads(self) -> GraphSpec:
+        if self.kv_width % self.kv_heads:
+            raise ValueError(f"kv_width {self.kv_width} is not a multiple of kv_heads {self.kv_heads}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_width // self.kv_heads
 
 
 class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
     folder: Path = Path()  # not in the file: set to where it was read from
-    format_version: Literal[1]
+    format_version: Literal[2]
     target: GraphSpec
     drafter: GraphSpec
     max_top_k: Annotated[StrictInt, Field(ge=1, le=1024)]

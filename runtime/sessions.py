@@ -12,7 +12,6 @@ from pathlib import Path
 import onnxruntime as ort
 
 from dovetail_onnx.runtime.errors import DovetailError
-from dovetail_onnx.runtime.manifest import GraphSpec
 
 DEVICES = ("auto", "cuda", "cpu")
 # ORT logs a provider-load failure as an error line; open_session reports fallbacks itself.
@@ -62,27 +61,23 @@ def open_session(path: Path, device: str, threads: int | None, role: str,
     return session, used
 
 
-def check_io(session: ort.InferenceSession, spec: GraphSpec, role: str, top_k: int | None = None) -> None:
-    """The manifest's dimensions must be the graph's: a swapped graph or an edited manifest is caught here,
-    before a first token is printed, not as a shape error mid-generation."""
-    inputs = {i.name: i.shape for i in session.get_inputs()}
-    outputs = {o.name: o.shape for o in session.get_outputs()}
-    want = {name: None for name in ("input_ids", "position_ids", "attention_mask")}
-    if role == "drafter":
-        want |= {"hidden_states": spec.hidden_size, "hidden_index": None}
-    want |= {f"past_{kind}.{i}": spec.kv_width for i in range(spec.num_layers) for kind in ("key", "value")}
-    layers = sum(name.startswith("past_key.") for name in inputs)
-    if layers != spec.num_layers:
-        raise DovetailError(f"{role} graph has {layers} layers of KV cache, the manifest says num_layers "
-                            f"{spec.num_layers}; re-export the artifact")
-    outs = {"hidden_states" if role == "target" else "out_hidden": spec.hidden_size}
-    outs |= {"logits": spec.vocab_size} if role == "target" else {"topk_ids": top_k, "topk_logprobs": top_k}
-    outs |= {f"new_{kind}.{i}": spec.kv_width for i in range(spec.num_layers) for kind in ("key", "value")}
-    for kind, declared, expected in (("input", inputs, want), ("output", outputs, outs)):
-        for name, width in expected.items():
+def check_io(session: ort.InferenceSession, role: str, inputs: dict[str, dict[int, int]],
+             outputs: dict[str, dict[int, int]]) -> None:
+    """The graph must have exactly these inputs and at least these outputs, with the given sizes on the given
+    axes: a manifest that disagrees with its graphs (layers, widths, heads, top-k) is caught here, at load,
+    not as a shape error mid-generation."""
+    declared_inputs = {i.name: i.shape for i in session.get_inputs()}
+    declared_outputs = {o.name: o.shape for o in session.get_outputs()}
+    if extra := sorted(set(declared_inputs) - set(inputs)):
+        raise DovetailError(f"{role} graph has input {extra[0]}, which the manifest does not account for "
+                            "(num_layers?); re-export the artifact")
+    for kind, declared, expected in (("input", declared_inputs, inputs), ("output", declared_outputs, outputs)):
+        for name, sizes in expected.items():
             shape = declared.get(name)
             if shape is None:
-                raise DovetailError(f"{role} graph has no {kind} {name}; it is not a dovetail-onnx graph, re-export it")
-            if width is not None and shape[-1] != width:
-                raise DovetailError(f"{role} graph {kind} {name} has shape {shape}, the manifest implies width "
-                                    f"{width}; re-export the artifact")
+                raise DovetailError(f"{role} graph has no {kind} {name}; it is not a dovetail-onnx graph of this "
+                                    "manifest (num_layers?), re-export it")
+            for axis, size in sizes.items():
+                if shape[axis] != size:
+                    raise DovetailError(f"{role} graph {kind} {name} has shape {shape}, the manifest implies {size} "
+                                        f"on axis {axis % len(shape)}; re-export the artifact")

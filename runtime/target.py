@@ -1,22 +1,33 @@
 """The target graph on the CPU execution provider, its KV cache and its output buffers."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from dovetail_onnx.runtime.buffers import PREFILL_CHUNK, Buffer, KVCache
-from dovetail_onnx.runtime.manifest import Manifest
+from dovetail_onnx.runtime.buffers import FLOAT, PREFILL_CHUNK, SharedKVCache
+from dovetail_onnx.runtime.manifest import GraphSpec
 from dovetail_onnx.runtime.sessions import check_io, open_session
-from dovetail_onnx.runtime.tree import causal
+from dovetail_onnx.runtime.tree import MASKED, causal
 
 
 class Target:
-    """One verify forward per call; the caller decides which new K/V rows to keep."""
+    """One verify forward per call; the caller decides which new K/V rows to keep.
 
-    def __init__(self, manifest: Manifest, threads: int | None):
-        self.spec = manifest.target
-        self.session, self.device = open_session(manifest.folder / self.spec.file, "cpu", threads, "target")
-        check_io(self.session, self.spec, "target")
-        self.kv: KVCache | None = None
+    The graph is onnxruntime-genai's fused one (export/target.py): attention takes the kept past
+    from the shared KV buffers, explicit positions, and an additive bias over past + new rows.
+    """
+
+    def __init__(self, path: Path, spec: GraphSpec, threads: int | None):
+        self.spec = spec
+        self.session, self.device = open_session(path, "cpu", threads, "target")
+        names = SharedKVCache.graph_names(spec.num_layers)
+        check_io(self.session, "target",
+                 {"input_ids": {}, "attention_mask": {}, "position_ids": {}, "attention_bias": {},
+                  **{past: {1: spec.kv_heads, 3: spec.head_dim} for past, _ in names}},
+                 {"logits": {-1: spec.vocab_size}, "hidden_states": {-1: spec.hidden_size},
+                  **{present: {1: spec.kv_heads, 3: spec.head_dim} for _, present in names}})
+        self.kv: SharedKVCache | None = None
 
     @property
     def cached(self) -> int:
@@ -24,31 +35,55 @@ class Target:
         return self.kv.length if self.kv else 0
 
     def start(self, capacity: int, max_seq: int, keep: int = 0) -> None:
-        """Set up a generation: KV for `capacity` positions whose first `keep` rows stay, outputs for `max_seq` rows."""
+        """Set up a generation: KV for `capacity` positions whose first `keep` rows stay, outputs for `max_seq` rows.
+
+        Everything is bound here once; a forward binds only its token ids, positions, mask and output rows.
+        """
+        spec = self.spec
         if self.kv is None:
-            self.kv = KVCache(self.spec.num_layers, self.spec.kv_width, capacity, "cpu")
-        self.kv.reserve(capacity, keep)
-        self.rows = max(max_seq, PREFILL_CHUNK)
-        self.logits = Buffer(self.rows, self.spec.vocab_size, "cpu")
-        self.hidden = Buffer(self.rows, self.spec.hidden_size, "cpu")
+            self.kv = SharedKVCache(spec.num_layers, spec.kv_heads, spec.head_dim, capacity)
+        # A padded forward (min_rows) writes one row past the last position.
+        self.kv.reserve(capacity + spec.min_rows, keep)
+        rows = max(max_seq, PREFILL_CHUNK, spec.min_rows)
+        self.logits = np.zeros((rows, spec.vocab_size), dtype=FLOAT)
+        self.hidden = np.zeros((rows, spec.hidden_size), dtype=FLOAT)
+        self.ones = np.ones((1, self.kv.capacity), dtype=np.int64)
+        self.bias = np.zeros(rows * self.kv.capacity, dtype=FLOAT)
         self.binding = self.session.io_binding()
+        self.kv.bind(self.binding)
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Run `tokens` after the kept past; returns views (logits [S, V], hidden [S, H]) valid until the next call."""
-        seq = len(tokens)
+        """Run `tokens` after the kept past; `mask` `[1, 1, S, S]` is additive among them (the past is visible).
+        Returns views (logits [S, V], hidden [S, H]) valid until the next call.
+
+        Graphs with `min_rows` 2 (quantized) get a padding row when S is 1: their kernels compute one row
+        differently from several. The padding row comes last, so no real row sees it.
+        """
+        seq, past, spec = len(tokens), self.kv.length, self.spec
+        rows = max(seq, spec.min_rows)
+        total = past + rows
+        bias = self.bias[: rows * total].reshape(1, 1, rows, total)
+        bias[..., :past] = 0.0
+        bias[..., past:] = MASKED
+        bias[0, 0, :seq, past : past + seq] = mask[0, 0]
+        if rows > seq:
+            pad = np.arange(seq, rows)
+            bias[0, 0, pad, past + pad] = 0.0
+            tokens = np.concatenate((tokens, np.repeat(tokens[-1:], rows - seq)))
+            positions = np.concatenate((positions, positions[-1] + 1 + np.arange(rows - seq)))
         b = self.binding
         b.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64)[None])
         b.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64)[None])
-        b.bind_cpu_input("attention_mask", mask)
-        self.kv.bind(b, self.kv.length, seq)
-        self.logits.bind_output(b, "logits", 0, [1, seq, self.spec.vocab_size])
-        self.hidden.bind_output(b, "hidden_states", 0, [1, seq, self.spec.hidden_size])
+        b.bind_cpu_input("attention_mask", self.ones[:, :total])
+        b.bind_cpu_input("attention_bias", bias)
+        b.bind_output("logits", "cpu", 0, FLOAT, [1, rows, spec.vocab_size], self.logits.ctypes.data)
+        b.bind_output("hidden_states", "cpu", 0, FLOAT, [1, rows, spec.hidden_size], self.hidden.ctypes.data)
         self.session.run_with_iobinding(b)
-        return self.logits.array[:seq], self.hidden.array[:seq]
+        return self.logits[:seq], self.hidden[:seq]
 
     def prefill(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Process `tokens` after the kept past; returns (last logits [V], hidden states of every one of them [n, H])."""
-        features = np.empty((len(tokens), self.spec.hidden_size), dtype=np.float32)
+        features = np.empty((len(tokens), self.spec.hidden_size), dtype=FLOAT)
         for start in range(0, len(tokens), PREFILL_CHUNK):
             chunk = tokens[start : start + PREFILL_CHUNK]
             past = self.kv.length

@@ -18,7 +18,7 @@ def test_every_path_matches_sequential_logits(kind, models):
     prompt = rng.integers(0, manifest.target.vocab_size, 9)
     tree = Tree(rng.integers(0, manifest.target.vocab_size, len(PARENTS)), np.array(PARENTS))
 
-    target = Target(manifest, threads=1)
+    target = Target(manifest.folder / manifest.target.file, manifest.target, threads=1)
     target.start(64, len(tree))
     target.prefill(prompt)
     past = target.kv.length
@@ -45,7 +45,7 @@ def test_kept_rows_continue_like_sequential(models):
     nxt = rng.integers(0, manifest.target.vocab_size, 1)
     zero = np.zeros((1, 1, 1, 1), dtype=np.float32)
 
-    target = Target(manifest, threads=1)
+    target = Target(manifest.folder / manifest.target.file, manifest.target, threads=1)
     target.start(64, len(tree))
     target.prefill(prompt)
     target.forward(tree.tokens, target.kv.length + tree.depth, tree.mask())
