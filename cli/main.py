@@ -130,11 +130,14 @@ def int_list(kind: click.IntRange):
 @click.option("--top-k", callback=int_list(TOP_K), help="Tree top-k, or a comma list to sweep [default: the artifact's].")
 @click.option("--depth", callback=int_list(DEPTH), help="Tree depth, or a comma list to sweep.")
 @click.option("--tree-tokens", callback=int_list(TREE_TOKENS), help="Tree size, or a comma list to sweep.")
+@click.option("--baseline-genai", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="An onnxruntime-genai model folder to run on the same prompts, threads and budget, side by side.")
 @click.option("--draft-device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--threads", type=Threads(), help="Intra-op threads per session, at most the cores [default: ONNX Runtime's choice].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, draft_device, threads, as_json):
-    """Speculative vs target-only decoding speed on a prompt set, with exactness checked."""
+def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, baseline_genai, draft_device, threads,
+          as_json):
+    """Speculative vs target-only decoding speed on a prompt set, with exactness checked (and onnxruntime-genai's)."""
     import itertools
 
     from rich.console import Console
@@ -142,27 +145,33 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, d
     from rich.table import Table
 
     from dovetail_onnx.runtime import Model, TreeSettings
-    from dovetail_onnx.runtime.bench import load_prompts, run_bench
+    from dovetail_onnx.runtime.bench import Genai, load_prompts, run_bench
 
     prompts = load_prompts(prompt_file, n)
     model = Model(artifact, draft_device=draft_device, threads=threads)
+    genai = Genai(baseline_genai, threads) if baseline_genai else None
     d = model.manifest.tree
     trees = [TreeSettings(k, dp, t) for k, dp, t in
              itertools.product(top_k or [d.top_k], depth or [d.depth], tree_tokens or [d.total_tokens])]
     with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(f"{len(prompts)} prompts × {len(trees) + 1} runs", total=len(prompts))
-        baseline, results = run_bench(model, prompts, max_new_tokens, trees, lambda: bar.advance(task))
-    summaries = [r.summary(baseline, len(prompts)) for r in results]
-    info = {"prompts": len(prompts), "max_new_tokens": max_new_tokens,
+        task = bar.add_task(f"{len(prompts)} prompts × {len(trees) + 1 + bool(genai)} runs", total=len(prompts))
+        run = run_bench(model, prompts, max_new_tokens, trees, genai, lambda: bar.advance(task))
+    summaries = [r.summary(run.baseline, len(prompts)) for r in run.results]
+    best = max(summaries, key=lambda s: s["speedup"])
+    info = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "precision": model.manifest.target.precision,
             "draft_provider": model.drafter.session.get_providers()[0], "draft_graph": model.drafter.graph,
             "target_provider": model.target.session.get_providers()[0]}
+    if run.genai:
+        genai_speed = run.genai.tokens_per_s
+        info["genai"] = {"tokens_per_s": round(genai_speed, 2),
+                         "target_only_ratio": round(run.baseline.tokens_per_s / genai_speed, 3),
+                         "best_speculative_ratio": round(best["tokens_per_s"] / genai_speed, 3),
+                         "identical_to_target_only": run.genai_identical}
     if as_json:
-        best = max(summaries, key=lambda s: s["speedup"])
-        click.echo(json.dumps({**info, **best, "runs": summaries,
-                               "per_prompt": [r.per_prompt for r in results]}))
+        click.echo(json.dumps({**info, **best, "runs": summaries, "per_prompt": [r.per_prompt for r in run.results]}))
         return
     table = Table(title=f"{prompt_file.name}: {len(prompts)} prompts × {max_new_tokens} tokens, "
-                        f"draft on {info['draft_provider']}")
+                        f"{info['precision']} target, draft on {info['draft_provider']}")
     for column in ("top_k", "depth", "tree", "τ", "tok/s", "baseline tok/s", "speedup", "identical",
                    "draft ms", "verify ms", "host ms"):
         table.add_column(column, justify="right")
@@ -171,7 +180,13 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, d
         table.add_row(*map(str, (s["top_k"], s["depth"], s["tree_tokens"], s["mean_accepted"], s["tokens_per_s"],
                                  s["baseline_tokens_per_s"], s["speedup"], f"{s['identical_count']}/{len(prompts)}",
                                  step["draft"], step["verify"], step["host"])))
-    Console(width=None if sys.stdout.isatty() else 140).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(table)
+    if run.genai:
+        g = info["genai"]
+        console.print(f"onnxruntime-genai ({baseline_genai.name}): {g['tokens_per_s']} tok/s; target-only "
+                      f"{g['target_only_ratio']}×, best speculative {g['best_speculative_ratio']}× of it; its tokens "
+                      f"equal our target-only tokens on {g['identical_to_target_only']}/{len(prompts)} prompts")
 
 
 @main.command(cls=Command)

@@ -74,6 +74,8 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
         (out / MANIFEST).unlink(missing_ok=True)
         status.update(f"building target.onnx ({precision}) and checking it")
         target_graph = export_target(model, tokenizer, out / "target.onnx", precision)
+        if target_graph.verify == "chain":
+            tree = TreeSettings(1, tree.depth, min(tree.total_tokens, tree.depth + 1))
         status.update("exporting drafter.onnx")
         draft_vocab = draft.config.draft_vocab_size if draft_vocab is None else draft_vocab
         export_drafter(draft, out / "drafter.onnx", MAX_TOP_K, draft_vocab)

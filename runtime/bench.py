@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,21 +81,73 @@ class Result:
         }
 
 
+class Genai:
+    """onnxruntime-genai on a model folder, greedy, on the CPU with our thread count: the bar we measure against."""
+
+    def __init__(self, folder: Path, threads: int | None):
+        try:
+            import onnxruntime_genai as og
+        except ImportError:
+            raise DovetailError("--baseline-genai needs onnxruntime-genai: pip install onnxruntime-genai-cuda==0.18.0 "
+                                "(the -cuda build installs beside onnxruntime-gpu)") from None
+        if not (folder / "genai_config.json").is_file():
+            raise DovetailError(f"{folder} has no genai_config.json; build one with "
+                                "`python -m onnxruntime_genai.models.builder -i HF_FOLDER -o DIR -p fp32 -e cpu`")
+        config = og.Config(str(folder))
+        config.clear_providers()
+        if threads:
+            options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        self.og, self.model = og, og.Model(config)
+
+    def generate(self, prompt: list[int], max_new_tokens: int) -> tuple[list[int], float]:
+        """New tokens (up to EOS) and the decode time, which starts after the first new token as ours does."""
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(prompt) + max_new_tokens, do_sample=False)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(prompt)
+        tokens, started = [], 0.0
+        while not generator.is_done() and len(tokens) < max_new_tokens:
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+            started = started or time.perf_counter()
+        return tokens, time.perf_counter() - started
+
+
+@dataclass
+class Bench:
+    baseline: Totals = field(default_factory=Totals)  # our target-only decoding
+    results: list[Result] = field(default_factory=list)  # speculative, one per tree setting
+    genai: Totals | None = None
+    genai_identical: int = 0  # prompts where genai's tokens equal our target-only tokens
+
+
 def run_bench(model: Model, prompts: list[str], max_new_tokens: int, trees: list[TreeSettings],
-              progress=lambda: None) -> tuple[Totals, list[Result]]:
-    """Each prompt: target-only once, then speculative once per tree setting; outputs must match."""
+              genai: Genai | None = None, progress=lambda: None) -> Bench:
+    """Each prompt: target-only once, speculative once per tree setting (outputs must match), genai once.
+
+    Runs are interleaved prompt by prompt so that drift in the machine's speed hits every system alike.
+    """
     warm = model.encode_prompt(prompts[0])
     for tree in trees:
         generate(model, warm, GeneratorParams(max_new_tokens=8, tree=tree))
-    baseline, results = Totals(), [Result(tree) for tree in trees]
+    bench = Bench(results=[Result(tree) for tree in trees], genai=Totals() if genai else None)
+    if genai:
+        genai.generate(warm, 8)
     for text in prompts:
         prompt = model.encode_prompt(text)
         expected, stats = generate(model, prompt, GeneratorParams(max_new_tokens, mode="target-only"))
-        baseline.add(stats)
-        for result in results:
+        bench.baseline.add(stats)
+        for result in bench.results:
             tokens, stats = generate(model, prompt, GeneratorParams(max_new_tokens, tree=result.tree))
             result.speculative.add(stats)
             result.identical += tokens == expected
             result.per_prompt.append({"prompt_tokens": len(prompt), **stats.as_dict(), "identical": tokens == expected})
+        if genai:
+            tokens, seconds = genai.generate(prompt, max_new_tokens)
+            bench.genai.tokens += len(tokens) - 1
+            bench.genai.forwards += len(tokens) - 1
+            bench.genai.decode_s += seconds
+            bench.genai_identical += tokens == expected
         progress()
-    return baseline, results
+    return bench

@@ -38,6 +38,13 @@ class TreeSettings:
                 return f"{name} must be an integer from {low} to {high}, got {value!r}"
         return None
 
+    def chain_problem(self, verify: str) -> str | None:
+        """A target that verifies chains only (quantized activations, see export/target.py) needs top_k 1."""
+        if verify == "chain" and self.top_k != 1:
+            return (f"--top-k must be 1 for this target, got {self.top_k}: its quantized kernels round a tree row "
+                    "that skips other branches' keys differently from sequential decoding, so it verifies chains")
+        return None
+
 
 def _file_name(name: str) -> str:
     """Files live in the artifact folder itself: a path would let a manifest point anywhere."""
@@ -62,6 +69,7 @@ class GraphSpec(BaseModel):
     vocab_size: Positive
     precision: Literal["fp32", "int8", "int4"] = "fp32"  # of the weights
     min_rows: Literal[1, 2] = 1  # rows every forward runs (see export/target.py: quantized kernels)
+    verify: Literal["tree", "chain"] = "tree"  # draft shapes whose rows equal sequential decoding
     cpu_file: FileName | None = None  # drafter only: the int8 graph to use when it runs on a CPU
 
     @model_validator(mode="after")
@@ -93,7 +101,7 @@ class Manifest(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
-        if problem := self.tree.problem(self.max_top_k):
+        if problem := self.tree.problem(self.max_top_k) or self.tree.chain_problem(self.target.verify):
             raise ValueError(f"field 'tree': {problem.replace('--', '').replace('-', '_')}")
         if self.drafter.hidden_size != self.target.hidden_size or self.drafter.vocab_size != self.target.vocab_size:
             raise ValueError(

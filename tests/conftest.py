@@ -1,6 +1,8 @@
 """Tiny Llama (GQA, tied) and Qwen2 (qkv bias, untied) targets, exported once per test session."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,25 @@ def artifacts(hf_dirs, tmp_path_factory) -> dict[str, Path]:
     quiet = Console(stderr=True, quiet=True)
     return {kind: export_artifact(folder, root / kind, "random", 2, console=quiet) and root / kind
             for kind, folder in hf_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def quantized(hf_dirs, tmp_path_factory) -> dict[str, Model]:
+    """The tiny Llama with int8 and int4 (MatMulNBits) target weights."""
+    root = tmp_path_factory.mktemp("quantized")
+    quiet = Console(stderr=True, quiet=True)
+    for precision in ("int8", "int4"):
+        export_artifact(hf_dirs["llama"], root / precision, "random", 1, precision=precision, console=quiet)
+    return {precision: Model(root / precision, draft_device="cpu", threads=1) for precision in ("int8", "int4")}
+
+
+@pytest.fixture(scope="session")
+def genai_dir(hf_dirs, tmp_path_factory) -> Path:
+    """onnxruntime-genai's own fp32 build of the tiny Llama: the baseline `bench --baseline-genai` runs."""
+    out = tmp_path_factory.mktemp("genai")
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dirs["llama"]), "-o", str(out),
+                    "-p", "fp32", "-e", "cpu", "-c", str(out / "cache")], check=True, capture_output=True)
+    return out
 
 
 @pytest.fixture(scope="session")

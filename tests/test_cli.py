@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
+from clirun import fails
 from dovetail_onnx.cli.main import main
 
 # Blocks the build-side packages the way a deploy machine lacks them: any import raises ImportError.
@@ -70,6 +71,26 @@ def test_bench_reports_exact_outputs_and_sweeps(artifacts, tmp_path):
     assert [run["tree_tokens"] for run in out["runs"]] == [4, 8]
     for key in ("mean_accepted", "speedup", "tokens_per_s", "baseline_tokens_per_s"):
         assert key in out
+
+
+def test_bench_runs_onnxruntime_genai_side_by_side(artifacts, genai_dir, tmp_path):
+    """Same graph family, same fp32 weights: genai's greedy tokens equal our target-only tokens."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["one"]}\n{"turns": ["two"]}\n')
+    result = CliRunner().invoke(main, ["bench", str(artifacts["llama"]), "--prompts", str(prompts), "--max-new-tokens",
+                                       "12", "--tree-tokens", "4", "--draft-device", "cpu", "--threads", "1",
+                                       "--baseline-genai", str(genai_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    genai = json.loads(result.stdout)["genai"]
+    assert genai["identical_to_target_only"] == 2
+    assert genai["tokens_per_s"] > 0 and genai["target_only_ratio"] > 0
+
+
+def test_bench_refuses_a_folder_that_is_not_a_genai_model(artifacts, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["one"]}\n')
+    fails(["bench", str(artifacts["llama"]), "--prompts", str(prompts), "--baseline-genai", str(tmp_path)],
+          "has no genai_config.json")
 
 
 def test_bench_rejects_a_bad_prompt_file(artifacts, tmp_path):

@@ -7,8 +7,9 @@ rarely the first branch and the kept K/V rows are rarely contiguous.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from dovetail_onnx.runtime import GeneratorParams, generate
+from dovetail_onnx.runtime import DovetailError, GeneratorParams, TreeSettings, generate
 from dovetail_onnx.runtime.tree import Tree
 
 
@@ -17,8 +18,8 @@ class OracleDrafter:
 
     cached = 0  # keeps no rows between generations
 
-    def __init__(self, prompt: list[int], continuation: list[int], vocab: int, seed: int = 0):
-        self.sequence = prompt + continuation
+    def __init__(self, prompt: list[int], continuation: list[int], vocab: int, seed: int = 0, chain: bool = False):
+        self.sequence, self.chain = prompt + continuation, chain
         self.vocab = vocab
         self.rng = np.random.default_rng(seed)
         self.device = "cpu"
@@ -42,8 +43,9 @@ class OracleDrafter:
 
         parent = 0
         for token in truth:
-            decoy = add(self.wrong(token), parent)  # a wrong sibling first, with a child of its own
-            add(self.wrong(token), decoy)
+            if not self.chain:
+                decoy = add(self.wrong(token), parent)  # a wrong sibling first, with a child of its own
+                add(self.wrong(token), decoy)
             parent = add(token, parent)
         add(self.wrong(0), parent)  # the path always ends in a wrong guess
         return Tree(np.array(nodes, dtype=np.int64), np.array(parents))
@@ -61,3 +63,25 @@ def test_oracle_accepts_many_tokens_and_stays_exact(models, references):
             model.drafter = saved
         assert tokens == expected
         assert stats.mean_accepted >= 3.0, stats.as_dict()
+
+
+def test_quantized_target_speculative_equals_its_own_target_only_output(quantized):
+    """A quantized target is its own model: lossless means its target-only tokens, with many accepted."""
+    for precision, model in quantized.items():
+        prompt = model.encode_prompt("An oracle knows what comes next", raw=False)
+        expected, _ = generate(model, prompt, GeneratorParams(max_new_tokens=120, mode="target-only", stop_at_eos=False))
+        saved = model.drafter
+        model.drafter = OracleDrafter(prompt, expected, model.manifest.target.vocab_size, chain=True)
+        try:
+            tokens, stats = generate(model, prompt, GeneratorParams(max_new_tokens=120, stop_at_eos=False))
+        finally:
+            model.drafter = saved
+        assert tokens == expected, precision
+        assert stats.mean_accepted >= 3, precision
+
+
+def test_quantized_target_refuses_branching_trees(quantized):
+    model = quantized["int4"]
+    assert model.manifest.tree.top_k == 1
+    with pytest.raises(DovetailError, match="--top-k must be 1 for this target"):
+        generate(model, model.encode_prompt("hi"), GeneratorParams(max_new_tokens=4, tree=TreeSettings(4, 3, 8)))
