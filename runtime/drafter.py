@@ -36,6 +36,7 @@ class Drafter:
                   "hidden_states": {-1: spec.hidden_size}, **kv},
                  {"out_hidden": {-1: spec.hidden_size}, "topk_ids": {-1: top_k}, "topk_logprobs": {-1: top_k}, **new_kv})
         self.kv: KVCache | None = None
+        self.forwards = 0  # drafter forwards so far (bench --profile divides drafting time by them)
 
     @property
     def cached(self) -> int:
@@ -79,6 +80,7 @@ class Drafter:
         self.ids.bind_output(b, "topk_ids", 0, [1, seq, self.max_top_k])
         self.logprobs.bind_output(b, "topk_logprobs", 0, [1, seq, self.max_top_k])
         self.session.run_with_iobinding(b)
+        self.forwards += 1
         return self.ids.array[:seq], self.logprobs.array[:seq]
 
     def propose(self, features: np.ndarray, tokens: np.ndarray) -> Tree:

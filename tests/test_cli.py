@@ -9,8 +9,10 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from clirun import fails
+from clirun import edited_artifact, fails
 from dovetail_onnx.cli.main import main
+from dovetail_onnx.runtime import Model
+from dovetail_onnx.runtime.bench import tune_tree, tuning_trees
 
 # Blocks the build-side packages the way a deploy machine lacks them: any import raises ImportError.
 NO_TORCH = (
@@ -91,6 +93,42 @@ def test_bench_refuses_a_folder_that_is_not_a_genai_model(artifacts, tmp_path):
     prompts.write_text('{"turns": ["one"]}\n')
     fails(["bench", str(artifacts["llama"]), "--prompts", str(prompts), "--baseline-genai", str(tmp_path)],
           "has no genai_config.json")
+
+
+def test_bench_profiles_and_tunes_the_default_tree(artifacts, tmp_path):
+    folder = edited_artifact(artifacts["llama"], tmp_path / "a", lambda raw: None)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["one"]}\n')
+    result = CliRunner().invoke(main, ["bench", str(folder), "--prompts", str(prompts), "--max-new-tokens", "12",
+                                       "--tree-tokens", "3,5", "--draft-device", "cpu", "--profile", "--tune", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert set(out["profile"]["target_ms"][next(iter(out["profile"]["target_ms"]))]) == {"1", "2", "4", "8", "16", "32"}
+    assert out["profile"]["drafter_ms_per_forward"] > 0
+    best = max(out["runs"], key=lambda r: r["speedup"])
+    assert out["tuned"]["total_tokens"] == best["tree_tokens"]
+    assert Model(folder).manifest.tree.total_tokens == best["tree_tokens"]
+
+
+def test_tuning_stores_one_of_the_candidate_trees(artifacts, quantized, tmp_path):
+    for name, source in (("fp32", artifacts["llama"]), ("int4", quantized["int4"].manifest.folder)):
+        folder = edited_artifact(source, tmp_path / name, lambda raw: None)
+        model = Model(folder, draft_device="cpu")
+        best = tune_tree(model, max_new_tokens=8)
+        assert best in tuning_trees(model.manifest) and Model(folder).manifest.tree == best
+
+
+def test_compare_counts_matching_tokens(models, quantized, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["one"]}\n{"turns": ["two"]}\n')
+    fp32 = str(models["llama"].manifest.folder)
+    same = CliRunner().invoke(main, ["compare", fp32, fp32, "--prompts", str(prompts), "--max-new-tokens", "10"])
+    assert same.exit_code == 0, same.output
+    assert json.loads(same.stdout)["identical"] == 2
+    int4 = CliRunner().invoke(main, ["compare", str(quantized["int4"].manifest.folder), fp32, "--prompts", str(prompts),
+                                     "--max-new-tokens", "10"])
+    out = json.loads(int4.stdout)
+    assert all(0 <= m <= 10 for m in out["matching"]) and out["mean_matching_tokens"] == sum(out["matching"]) / 2
 
 
 def test_bench_rejects_a_bad_prompt_file(artifacts, tmp_path):
