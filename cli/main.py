@@ -86,11 +86,13 @@ def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, d
               help="Sample among the k likeliest (0 = all).")
 @click.option("--seed", type=SEED, help="Sampling seed.")
 @click.option("--ignore-eos", is_flag=True, help="Generate --max-new-tokens tokens even past an end-of-turn token.")
+@click.option("--lookup/--no-lookup", default=True, show_default=True,
+              help="Also draft by prompt lookup: tokens that followed the latest earlier occurrence of the last ones.")
 @click.option("--draft-device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--threads", type=Threads(), help="Intra-op threads per session, at most the cores [default: ONNX Runtime's choice].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(artifact, prompt, prompt_file, max_new_tokens, raw, special_tokens, mode, top_k, depth, tree_tokens,
-             temperature, top_p, sample_top_k, seed, ignore_eos, draft_device, threads, as_json):
+             temperature, top_p, sample_top_k, seed, ignore_eos, lookup, draft_device, threads, as_json):
     """Generate from a prompt (--prompt, --prompt-file or stdin) with an exported ARTIFACT."""
     from dataclasses import replace
 
@@ -109,7 +111,7 @@ def generate(artifact, prompt, prompt_file, max_new_tokens, raw, special_tokens,
     model = Model(artifact, draft_device=draft_device, threads=threads)
     tree = model.manifest.tree
     tree = replace(tree, **{k: v for k, v in (("top_k", top_k), ("depth", depth), ("total_tokens", tree_tokens)) if v is not None})
-    params = GeneratorParams(max_new_tokens, mode, tree, stop_at_eos=not ignore_eos, sampling=sampling)
+    params = GeneratorParams(max_new_tokens, mode, tree, stop_at_eos=not ignore_eos, sampling=sampling, lookup=lookup)
     generator = Generator(model, params, model.encode_prompt(prompt, raw, special_tokens))
     stream = StreamDecoder(model.tokenizer)
     for new in generator:
@@ -150,6 +152,7 @@ def int_list(kind: click.IntRange):
               help="An onnxruntime-genai model folder to run on the same prompts, threads and budget, side by side.")
 @click.option("--draft-device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--threads", type=Threads(), help="Intra-op threads per session, at most the cores [default: ONNX Runtime's choice].")
+@click.option("--lookup/--no-lookup", default=True, show_default=True, help="Also draft by prompt lookup.")
 @click.option("--profile", "with_profile", is_flag=True,
               help="Also time one target forward by rows (1-32) at the prompts' mean context and at 2,000, and a "
                    "drafter forward.")
@@ -157,7 +160,7 @@ def int_list(kind: click.IntRange):
               help="Store the fastest tree setting of this run as the artifact's default (in dovetail.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, baseline_genai, draft_device, threads,
-          with_profile, tune, as_json):
+          lookup, with_profile, tune, as_json):
     """Speculative vs target-only decoding speed on a prompt set, with exactness checked (and onnxruntime-genai's)."""
     import itertools
 
@@ -176,7 +179,7 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, b
              itertools.product(top_k or [d.top_k], depth or [d.depth], tree_tokens or [d.total_tokens])]
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(f"{len(prompts)} prompts × {len(trees) + 1 + bool(genai)} runs", total=len(prompts))
-        run = run_bench(model, prompts, max_new_tokens, trees, genai, lambda: bar.advance(task))
+        run = run_bench(model, prompts, max_new_tokens, trees, genai, lambda: bar.advance(task), lookup)
     summaries = [r.summary(run.baseline, len(prompts)) for r in run.results]
     best = max(summaries, key=lambda s: s["speedup"])
     info = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "precision": model.manifest.target.precision,
@@ -199,12 +202,13 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, b
         return
     table = Table(title=f"{prompt_file.name}: {len(prompts)} prompts × {max_new_tokens} tokens, "
                         f"{info['precision']} target, draft on {info['draft_provider']}")
-    for column in ("top_k", "depth", "tree", "τ", "tok/s", "baseline tok/s", "speedup", "identical",
+    for column in ("top_k", "depth", "tree", "τ", "copied", "tok/s", "baseline tok/s", "speedup", "identical",
                    "draft ms", "verify ms", "host ms"):
         table.add_column(column, justify="right")
     for s in summaries:
         step = s["ms_per_step"]
-        table.add_row(*map(str, (s["top_k"], s["depth"], s["tree_tokens"], s["mean_accepted"], s["tokens_per_s"],
+        table.add_row(*map(str, (s["top_k"], s["depth"], s["tree_tokens"], s["mean_accepted"], s["copied_per_step"],
+                                 s["tokens_per_s"],
                                  s["baseline_tokens_per_s"], s["speedup"], f"{s['identical_count']}/{len(prompts)}",
                                  step["draft"], step["verify"], step["host"])))
     console = Console(width=None if sys.stdout.isatty() else 140)

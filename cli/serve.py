@@ -1,7 +1,6 @@
 """`dovetail-onnx serve` (an OpenAI-compatible HTTP server) and `dovetail-onnx chat` (a terminal chat)."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click

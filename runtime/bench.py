@@ -48,6 +48,7 @@ class Totals:
     decode_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
+    copied: int = 0  # accepted tokens that came from prompt lookup
 
     def add(self, stats: Stats) -> None:
         self.tokens += stats.new_tokens - 1
@@ -55,6 +56,7 @@ class Totals:
         self.decode_s += stats.decode_s
         self.draft_s += stats.draft_s
         self.verify_s += stats.verify_s
+        self.copied += stats.accepted_copied
 
     @property
     def tokens_per_s(self) -> float:
@@ -74,6 +76,7 @@ class Result:
         return {
             "top_k": self.tree.top_k, "depth": self.tree.depth, "tree_tokens": self.tree.total_tokens,
             "mean_accepted": round(spec.tokens / steps, 3),
+            "copied_per_step": round(spec.copied / steps, 3),
             "tokens_per_s": round(spec.tokens_per_s, 2),
             "baseline_tokens_per_s": round(baseline.tokens_per_s, 2),
             "speedup": round(spec.tokens_per_s / baseline.tokens_per_s, 3) if baseline.tokens_per_s else 0.0,
@@ -126,7 +129,7 @@ class Bench:
 
 
 def run_bench(model: Model, prompts: list[str], max_new_tokens: int, trees: list[TreeSettings],
-              genai: Genai | None = None, progress=lambda: None) -> Bench:
+              genai: Genai | None = None, progress=lambda: None, lookup: bool = True) -> Bench:
     """Each prompt: target-only once, speculative once per tree setting (outputs must match), genai once.
 
     Runs are interleaved prompt by prompt so that drift in the machine's speed hits every system alike.
@@ -142,7 +145,7 @@ def run_bench(model: Model, prompts: list[str], max_new_tokens: int, trees: list
         expected, stats = generate(model, prompt, GeneratorParams(max_new_tokens, mode="target-only"))
         bench.baseline.add(stats)
         for result in bench.results:
-            tokens, stats = generate(model, prompt, GeneratorParams(max_new_tokens, tree=result.tree))
+            tokens, stats = generate(model, prompt, GeneratorParams(max_new_tokens, tree=result.tree, lookup=lookup))
             result.speculative.add(stats)
             result.identical += tokens == expected
             result.per_prompt.append({"prompt_tokens": len(prompt), **stats.as_dict(), "identical": tokens == expected})

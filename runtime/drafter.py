@@ -83,15 +83,17 @@ class Drafter:
         self.forwards += 1
         return self.ids.array[:seq], self.logprobs.array[:seq]
 
-    def propose(self, features: np.ndarray, tokens: np.ndarray) -> Tree:
+    def propose(self, features: np.ndarray, tokens: np.ndarray, total: int | None = None) -> Tree:
         """Extend the drafter's past with (feature_i, token_{i+1}) pairs, then grow a tree at `tokens[-1]`.
 
         EAGLE-2: expand the `top_k` best nodes by cumulative log-prob at each of `depth` levels,
-        then keep the `total_tokens - 1` best candidates overall (a parent always outranks its child).
+        then keep the `total - 1` best candidates overall (a parent always outranks its child).
         Expansion stops early once no frontier node outscores the current cut: its descendants
-        could not enter the tree, so the tree is the same with fewer drafter calls.
+        could not enter the tree, so the tree is the same with fewer drafter calls. `total`
+        (default: the tree settings') of 1 only extends the past.
         """
-        top_k, depth, total = self.settings.top_k, self.settings.depth, self.settings.total_tokens
+        top_k, depth = self.settings.top_k, self.settings.depth
+        total = self.settings.total_tokens if total is None else total
         out = 0
         for start in range(0, len(tokens), PREFILL_CHUNK):
             out = 1 - out
@@ -101,6 +103,8 @@ class Drafter:
                                    np.arange(len(chunk)), features[start : start + len(chunk)], out)
             self.kv.length += len(chunk)
         stable = self.kv.length
+        if total < 2:
+            return Tree(np.asarray(tokens[-1:], dtype=np.int64), np.array([-1]))
 
         # Candidate nodes (root excluded): token, parent (-1 = root), cumulative log-prob, draft KV slot.
         cand_tokens = list(ids[-1, :top_k])

@@ -20,6 +20,7 @@ import numpy as np
 
 from dovetail_onnx.runtime.drafter import Drafter
 from dovetail_onnx.runtime.errors import DovetailError
+from dovetail_onnx.runtime.lookup import lookup
 from dovetail_onnx.runtime.manifest import TreeSettings, load_manifest
 from dovetail_onnx.runtime.sampling import SamplingParams
 from dovetail_onnx.runtime.sessions import usable_cores
@@ -64,6 +65,7 @@ class GeneratorParams:
     stop_at_eos: bool = True
     eos_token_ids: tuple[int, ...] | None = None  # None: the artifact's
     sampling: SamplingParams = SamplingParams()  # greedy unless a temperature is set
+    lookup: bool = True  # also draft by prompt lookup (runtime/lookup.py)
 
     def check(self, model: Model, prompt_len: int) -> None:
         if type(self.max_new_tokens) is not int or self.max_new_tokens < 1:
@@ -89,6 +91,7 @@ class Stats:
     new_tokens: int = 0
     target_forwards: int = 0  # decode forwards; the prefill is counted apart
     cached_tokens: int = 0  # prompt tokens whose K/V were kept from the last generation, not prefilled
+    accepted_copied: int = 0  # accepted draft tokens that came from prompt lookup, not from the drafter
     prefill_s: float = 0.0
     decode_s: float = 0.0
     draft_s: float = 0.0
@@ -109,6 +112,8 @@ class Stats:
             "new_tokens": self.new_tokens,
             "target_forwards": self.target_forwards,
             "cached_tokens": self.cached_tokens,
+            "accepted_drafted": sum(self.accepted) - len(self.accepted) - self.accepted_copied,
+            "accepted_copied": self.accepted_copied,
             "mean_accepted": round(self.mean_accepted, 3),
             "tokens_per_s": round(self.tokens_per_s, 2),
             "prefill_s": round(self.prefill_s, 4),
@@ -233,9 +238,14 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     yield [token]
     # The drafter reads (target feature of token i, token i+1): the prompt shifted by one.
     next_tokens = np.append(prompt[keep + 1 :], token)
+    chains = model.manifest.target.verify == "chain"
     while True:
         t0 = time.perf_counter()
-        tree = drafter.propose(features, next_tokens)
+        # Prompt lookup: a chain copied from the text so far takes part of the tree's budget (all of a chain's).
+        copied = lookup(np.asarray(model.history), tree_settings.total_tokens - 1 if chains else
+                        (tree_settings.total_tokens - 1) // 2) if params.lookup else prompt[:0]
+        budget = 1 if chains and len(copied) else tree_settings.total_tokens - len(copied)
+        tree, first_copied = drafter.propose(features, next_tokens, budget).graft(copied)
         t1 = time.perf_counter()
         logits, hidden = target.forward(tree.tokens, target.kv.length + tree.depth, tree.mask())
         t2 = time.perf_counter()
@@ -250,6 +260,7 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
         stats.verify_s += t2 - t1
         stats.target_forwards += 1
         stats.accepted.append(len(path))
+        stats.accepted_copied += sum(node >= first_copied for node in path[1:])
         model.history += next_tokens.tolist()
         yield next_tokens.tolist()
 

@@ -47,3 +47,16 @@ class Tree:
 
     def children(self, node: int) -> np.ndarray:
         return np.flatnonzero(self.parents == node)
+
+    def graft(self, chain: np.ndarray) -> tuple[Tree, int]:
+        """This tree with `chain` hung under the root: where the chain's tokens are already a path it follows
+        that path, the rest is appended. Returns the tree and its first appended node."""
+        tokens, parents, node = list(self.tokens), list(self.parents), 0
+        for i, token in enumerate(chain):
+            match = [c for c in self.children(node) if self.tokens[c] == token]
+            if not match:
+                tokens += [int(t) for t in chain[i:]]
+                parents += [node, *range(len(self), len(self) + len(chain) - i - 1)]
+                break
+            node = int(match[0])
+        return Tree(np.array(tokens, dtype=np.int64), np.array(parents)), len(self)
