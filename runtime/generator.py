@@ -241,9 +241,10 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     chains = model.manifest.target.verify == "chain"
     while True:
         t0 = time.perf_counter()
-        # Prompt lookup: a chain copied from the text so far takes part of the tree's budget (all of a chain's).
-        copied = lookup(np.asarray(model.history), tree_settings.total_tokens - 1 if chains else
-                        (tree_settings.total_tokens - 1) // 2) if params.lookup else prompt[:0]
+        # Prompt lookup: a chain copied from the text so far takes part of the tree's budget (all of a chain's),
+        # no deeper than the tree.
+        room = tree_settings.total_tokens - 1 if chains else (tree_settings.total_tokens - 1) // 2
+        copied = lookup(np.asarray(model.history), min(room, tree_settings.depth)) if params.lookup else prompt[:0]
         budget = 1 if chains and len(copied) else tree_settings.total_tokens - len(copied)
         tree, first_copied = drafter.propose(features, next_tokens, budget).graft(copied)
         t1 = time.perf_counter()
