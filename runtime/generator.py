@@ -238,13 +238,13 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     yield [token]
     # The drafter reads (target feature of token i, token i+1): the prompt shifted by one.
     next_tokens = np.append(prompt[keep + 1 :], token)
+    # Prompt lookup: a chain copied from the text so far takes part of the tree's budget (all of a chain's),
+    # no deeper than the tree.
     chains = model.manifest.target.verify == "chain"
+    room = min(tree_settings.total_tokens - 1 if chains else (tree_settings.total_tokens - 1) // 2, tree_settings.depth)
     while True:
         t0 = time.perf_counter()
-        # Prompt lookup: a chain copied from the text so far takes part of the tree's budget (all of a chain's),
-        # no deeper than the tree.
-        room = tree_settings.total_tokens - 1 if chains else (tree_settings.total_tokens - 1) // 2
-        copied = lookup(np.asarray(model.history), min(room, tree_settings.depth)) if params.lookup else prompt[:0]
+        copied = lookup(np.asarray(model.history), room) if params.lookup else prompt[:0]
         budget = 1 if chains and len(copied) else tree_settings.total_tokens - len(copied)
         tree, first_copied = drafter.propose(features, next_tokens, budget).graft(copied)
         t1 = time.perf_counter()
