@@ -169,9 +169,9 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, b
     from rich.table import Table
 
     from dovetail_onnx.runtime import Model, TreeSettings
-    from dovetail_onnx.runtime.bench import Genai, load_prompts, profile, run_bench, store_tree
+    from dovetail_onnx.runtime.bench import Genai, by_category, load_prompts, profile, run_bench, store_tree
 
-    prompts = load_prompts(prompt_file, n)
+    prompts, categories = load_prompts(prompt_file, n)
     model = Model(artifact, draft_device=draft_device, threads=threads)
     genai = Genai(baseline_genai, threads) if baseline_genai else None
     d = model.manifest.tree
@@ -191,6 +191,8 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, b
                          "target_only_ratio": round(run.baseline.tokens_per_s / genai_speed, 3),
                          "best_speculative_ratio": round(best["tokens_per_s"] / genai_speed, 3),
                          "identical_to_target_only": run.genai_identical}
+    if len(set(categories)) > 1:
+        info["by_category"] = by_category(run, categories)
     if with_profile:
         encoded = [model.encode_prompt(p) for p in prompts]
         mean = round(sum(map(len, encoded)) / len(encoded))
@@ -213,6 +215,16 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, b
                                  step["draft"], step["verify"], step["host"])))
     console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(table)
+    if "by_category" in info:
+        table = Table(title="by category")
+        for column in ("category", "tree", "τ", "copied", "tok/s", "baseline tok/s", "speedup", "identical"):
+            table.add_column(column, justify="right")
+        for category, rows in info["by_category"].items():
+            for s in rows:
+                table.add_row(*map(str, (category, s["tree_tokens"], s["mean_accepted"], s["copied_per_step"],
+                                         s["tokens_per_s"], s["baseline_tokens_per_s"], s["speedup"],
+                                         s["identical_count"])))
+        console.print(table)
     if with_profile:
         for past, times in info["profile"]["target_ms"].items():
             console.print(f"target ms per forward at {past} tokens of context: " +
@@ -243,7 +255,7 @@ def check(artifact, target, prompt_file, n, max_new_tokens, mode):
     from dovetail_onnx.export.check import check_against_transformers
     from dovetail_onnx.runtime.bench import load_prompts
 
-    prompts = load_prompts(prompt_file, n)
+    prompts, _ = load_prompts(prompt_file, n)
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("comparing with transformers", total=len(prompts))
         rows = check_against_transformers(artifact, target, prompts, max_new_tokens, mode, lambda: bar.advance(task))
@@ -270,7 +282,7 @@ def compare(artifact, reference, prompt_file, n, max_new_tokens, threads):
     from dovetail_onnx.runtime import Model
     from dovetail_onnx.runtime.bench import agreement, load_prompts
 
-    prompts = load_prompts(prompt_file, n)
+    prompts, _ = load_prompts(prompt_file, n)
     model, ref = Model(artifact, threads=threads), Model(reference, threads=threads)
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(f"comparing with {reference.name}", total=len(prompts))

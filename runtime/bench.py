@@ -15,28 +15,30 @@ from dovetail_onnx.runtime.tokenizer import decode_utf8
 from dovetail_onnx.runtime.tree import causal
 
 
-def load_prompts(path: Path, n: int | None) -> list[str]:
-    """`turns[0]` of each JSON line (`{"question_id", "turns": [...]}`)."""
+def load_prompts(path: Path, n: int | None) -> tuple[list[str], list[str]]:
+    """`turns[0]` and `category` (or "") of each JSON line (`{"question_id", "category", "turns": [...]}`)."""
     if not path.is_file():
         raise DovetailError(f"prompt file {path} does not exist")
     try:
         text = decode_utf8(path.read_bytes(), f"prompt file {path}")
     except OSError as exc:
         raise DovetailError(f"cannot read prompt file {path} ({exc.strerror or exc})") from exc
-    prompts = []
+    prompts, categories = [], []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            prompt = json.loads(line)["turns"][0]
+            row = json.loads(line)
+            prompt = row["turns"][0]
         except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
             raise DovetailError(f"{path}:{number} is not a Spec-Bench line with a 'turns' list ({exc})") from exc
         if not isinstance(prompt, str) or not prompt.strip():
             raise DovetailError(f"{path}:{number}: turns[0] is not a non-empty string")
         prompts.append(prompt)
+        categories.append(str(row.get("category", "")))
     if not prompts:
         raise DovetailError(f"{path} holds no prompts")
-    return prompts[:n] if n else prompts
+    return prompts[:n], categories[:n]
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Result:
     speculative: Totals = field(default_factory=Totals)
     identical: int = 0
     per_prompt: list[dict] = field(default_factory=list)
+    stats: list[Stats] = field(default_factory=list)
 
     def summary(self, baseline: Totals, prompts: int) -> dict:
         spec = self.speculative
@@ -85,6 +88,23 @@ class Result:
             "ms_per_step": {"draft": round(1000 * spec.draft_s / steps, 2), "verify": round(1000 * spec.verify_s / steps, 2),
                             "host": round(1000 * (spec.decode_s - spec.draft_s - spec.verify_s) / steps, 2)},
         }
+
+
+def by_category(bench: Bench, categories: list[str]) -> dict[str, list[dict]]:
+    """Each category's τ and speeds per tree setting, for a prompt file that mixes categories."""
+    out = {}
+    for category in sorted(set(categories)):
+        rows = [i for i, c in enumerate(categories) if c == category]
+        baseline = Totals()
+        for i in rows:
+            baseline.add(bench.baseline_per_prompt[i])
+        out[category] = []
+        for result in bench.results:
+            part = Result(result.tree, identical=sum(result.per_prompt[i]["identical"] for i in rows))
+            for i in rows:
+                part.speculative.add(result.stats[i])
+            out[category].append(part.summary(baseline, len(rows)))
+    return out
 
 
 class Genai:
@@ -123,6 +143,7 @@ class Genai:
 @dataclass
 class Bench:
     baseline: Totals = field(default_factory=Totals)  # our target-only decoding
+    baseline_per_prompt: list[Stats] = field(default_factory=list)
     results: list[Result] = field(default_factory=list)  # speculative, one per tree setting
     genai: Totals | None = None
     genai_identical: int = 0  # prompts where genai's tokens equal our target-only tokens
@@ -144,11 +165,13 @@ def run_bench(model: Model, prompts: list[str], max_new_tokens: int, trees: list
         prompt = model.encode_prompt(text)
         expected, stats = generate(model, prompt, GeneratorParams(max_new_tokens, mode="target-only"))
         bench.baseline.add(stats)
+        bench.baseline_per_prompt.append(stats)
         for result in bench.results:
             tokens, stats = generate(model, prompt, GeneratorParams(max_new_tokens, tree=result.tree, lookup=lookup))
             result.speculative.add(stats)
             result.identical += tokens == expected
             result.per_prompt.append({"prompt_tokens": len(prompt), **stats.as_dict(), "identical": tokens == expected})
+            result.stats.append(stats)
         if genai:
             tokens, seconds = genai.generate(prompt, max_new_tokens)
             bench.genai.tokens += len(tokens) - 1

@@ -88,6 +88,22 @@ def test_bench_runs_onnxruntime_genai_side_by_side(artifacts, genai_dir, tmp_pat
     assert genai["tokens_per_s"] > 0 and genai["target_only_ratio"] > 0
 
 
+def test_bench_summarizes_each_category_of_a_mixed_file(artifacts, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"category": "qa", "turns": ["one"]}\n{"category": "code", "turns": ["two"]}\n'
+                       '{"category": "qa", "turns": ["three"]}\n')
+    result = CliRunner().invoke(main, ["bench", str(artifacts["llama"]), "--prompts", str(prompts), "--max-new-tokens",
+                                       "10", "--tree-tokens", "4,6", "--draft-device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert set(out["by_category"]) == {"qa", "code"}
+    assert [r["identical_count"] for r in out["by_category"]["qa"]] == [2, 2]
+    assert [r["tree_tokens"] for r in out["by_category"]["code"]] == [4, 6]
+    table = CliRunner().invoke(main, ["bench", str(artifacts["llama"]), "--prompts", str(prompts),
+                                      "--max-new-tokens", "10", "--draft-device", "cpu"])
+    assert table.exit_code == 0 and "by category" in table.stdout
+
+
 def test_bench_refuses_a_folder_that_is_not_a_genai_model(artifacts, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"turns": ["one"]}\n')
