@@ -16,7 +16,7 @@ from dovetail_onnx.runtime.tree import causal
 
 
 def load_prompts(path: Path, n: int | None) -> tuple[list[str], list[str]]:
-    """`turns[0]` and `category` (or "") of each JSON line (`{"question_id", "category", "turns": [...]}`)."""
+    """`turns[0]` and `category` (or "(none)") of each JSON line (`{"question_id", "category", "turns": [...]}`)."""
     if not path.is_file():
         raise DovetailError(f"prompt file {path} does not exist")
     try:
@@ -35,7 +35,7 @@ def load_prompts(path: Path, n: int | None) -> tuple[list[str], list[str]]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise DovetailError(f"{path}:{number}: turns[0] is not a non-empty string")
         prompts.append(prompt)
-        categories.append(str(row.get("category", "")))
+        categories.append(str(row.get("category") or "(none)"))
     if not prompts:
         raise DovetailError(f"{path} holds no prompts")
     return prompts[:n], categories[:n]
