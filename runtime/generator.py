@@ -25,6 +25,7 @@ from dovetail_onnx.runtime.manifest import TreeSettings, load_manifest
 from dovetail_onnx.runtime.sampling import SamplingParams
 from dovetail_onnx.runtime.sessions import usable_cores
 from dovetail_onnx.runtime.target import Target
+from dovetail_onnx.runtime.tree import Tree
 from dovetail_onnx.runtime.tokenizer import Tokenizer
 from dovetail_onnx.runtime.verify import accept_greedy, accept_sampled
 
@@ -245,8 +246,14 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     while True:
         t0 = time.perf_counter()
         copied = lookup(np.asarray(model.history), room) if params.lookup else prompt[:0]
-        budget = 1 if chains and len(copied) else tree_settings.total_tokens - len(copied)
-        tree, first_copied = drafter.propose(features, next_tokens, budget).graft(copied)
+        if chains and len(copied):
+            # The copy is the whole chain: the drafter reads these accepted tokens later, with the next ones.
+            tree, first_copied = Tree(next_tokens[-1:], np.array([-1])).graft(copied)
+            pending = (features, next_tokens)
+        else:
+            tree = drafter.propose(features, next_tokens, tree_settings.total_tokens - len(copied))
+            tree, first_copied = tree.graft(copied)
+            pending = None
         t1 = time.perf_counter()
         logits, hidden = target.forward(tree.tokens, target.kv.length + tree.depth, tree.mask())
         t2 = time.perf_counter()
@@ -257,13 +264,16 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
         target.kv.keep(np.asarray(path))
         features = hidden[path].copy()
         next_tokens = np.append(tree.tokens[path[1:]], bonus)
+        if pending:
+            features, next_tokens = np.concatenate((pending[0], features)), np.concatenate((pending[1], next_tokens))
         stats.draft_s += t1 - t0
         stats.verify_s += t2 - t1
         stats.target_forwards += 1
         stats.accepted.append(len(path))
         stats.accepted_copied += sum(node >= first_copied for node in path[1:])
-        model.history += next_tokens.tolist()
-        yield next_tokens.tolist()
+        emitted = np.append(tree.tokens[path[1:]], bonus).tolist()
+        model.history += emitted
+        yield emitted
 
 
 def _target_only(model: Model, prompt: np.ndarray, params: GeneratorParams, stats: Stats) -> Iterator[list[int]]:

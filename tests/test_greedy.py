@@ -80,3 +80,18 @@ def test_prompt_lookup_drafts_are_accepted_and_stay_lossless(models, references)
             assert tokens == references(kind, prompt, 60)
             copied += stats.accepted_copied
     assert copied > 0
+
+
+def test_quantized_target_with_lookup_chains_equals_its_target_only_output(quantized):
+    """Copied chains skip the drafter, which then reads the accepted tokens later: output stays the target's."""
+    copied = 0
+    for model in quantized.values():
+        for text in PROMPTS:
+            prompt = model.encode_prompt(text, raw=True)
+            params = GeneratorParams(max_new_tokens=60, stop_at_eos=False)
+            expected, _ = generate(model, prompt, GeneratorParams(max_new_tokens=60, mode="target-only",
+                                                                  stop_at_eos=False))
+            tokens, stats = generate(model, prompt, params)
+            assert tokens == expected
+            copied += stats.accepted_copied
+    assert copied > 0

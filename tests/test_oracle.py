@@ -58,7 +58,7 @@ def test_oracle_accepts_many_tokens_and_stays_exact(models, references):
         saved = model.drafter
         model.drafter = OracleDrafter(prompt, expected, model.manifest.target.vocab_size)
         try:
-            tokens, stats = generate(model, prompt, GeneratorParams(max_new_tokens=120, stop_at_eos=False))
+            tokens, stats = generate(model, prompt, GeneratorParams(max_new_tokens=120, stop_at_eos=False, lookup=False))
         finally:
             model.drafter = saved
         assert tokens == expected
@@ -73,7 +73,7 @@ def test_quantized_target_speculative_equals_its_own_target_only_output(quantize
         saved = model.drafter
         model.drafter = OracleDrafter(prompt, expected, model.manifest.target.vocab_size, chain=True)
         try:
-            tokens, stats = generate(model, prompt, GeneratorParams(max_new_tokens=120, stop_at_eos=False))
+            tokens, stats = generate(model, prompt, GeneratorParams(max_new_tokens=120, stop_at_eos=False, lookup=False))
         finally:
             model.drafter = saved
         assert tokens == expected, precision
