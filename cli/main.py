@@ -12,6 +12,8 @@ from dovetail_onnx.cli.options import DEPTH, SEED, TOP_K, TREE_TOKENS, FiniteFlo
 from dovetail_onnx.cli.serve import chat, serve
 from dovetail_onnx.cli.train import train
 from dovetail_onnx.runtime.errors import DovetailError
+from dovetail_onnx.runtime.manifest import PRECISIONS
+from dovetail_onnx.runtime.sessions import DEVICES
 
 
 @click.group(cls=Group)
@@ -36,7 +38,7 @@ def main() -> None:
               help="Tokens the drafter head scores, most frequent first; 0 = all [default: the drafter's setting].")
 @click.option("--cpu-drafter/--no-cpu-drafter", default=True, show_default=True,
               help="Also write an int8 drafter (ONNX Runtime dynamic quantization) for when it runs on a CPU.")
-@click.option("--precision", type=click.Choice(["fp32", "int8", "int4"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Target weights: fp32, or int8/int4 MatMulNBits (a quantized target is its own model: speculative "
                    "output equals that artifact's target-only output).")
 @click.option("--tune", is_flag=True,
@@ -88,7 +90,7 @@ def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, d
 @click.option("--ignore-eos", is_flag=True, help="Generate --max-new-tokens tokens even past an end-of-turn token.")
 @click.option("--lookup/--no-lookup", default=True, show_default=True,
               help="Also draft by prompt lookup: tokens that followed the latest earlier occurrence of the last ones.")
-@click.option("--draft-device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--draft-device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--threads", type=Threads(), help="Intra-op threads per session, at most the cores [default: ONNX Runtime's choice].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(artifact, prompt, prompt_file, max_new_tokens, raw, special_tokens, mode, top_k, depth, tree_tokens,
@@ -150,7 +152,7 @@ def int_list(kind: click.IntRange):
 @click.option("--tree-tokens", callback=int_list(TREE_TOKENS), help="Tree size, or a comma list to sweep.")
 @click.option("--baseline-genai", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="An onnxruntime-genai model folder to run on the same prompts, threads and budget, side by side.")
-@click.option("--draft-device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--draft-device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--threads", type=Threads(), help="Intra-op threads per session, at most the cores [default: ONNX Runtime's choice].")
 @click.option("--lookup/--no-lookup", default=True, show_default=True, help="Also draft by prompt lookup.")
 @click.option("--profile", "with_profile", is_flag=True,

@@ -9,10 +9,11 @@ from dovetail_onnx.cli.command import Command
 from dovetail_onnx.cli.options import SEED, FiniteFloat, Threads
 from dovetail_onnx.runtime import Generator, GeneratorParams, Model, SamplingParams, Stats
 from dovetail_onnx.runtime.errors import DovetailError
+from dovetail_onnx.runtime.sessions import DEVICES
 from dovetail_onnx.runtime.tokenizer import StreamDecoder
 
 artifact_argument = click.argument("artifact", type=click.Path(path_type=Path))
-draft_device_option = click.option("--draft-device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
+draft_device_option = click.option("--draft-device", type=click.Choice(DEVICES), default="auto",
                                    show_default=True)
 threads_option = click.option("--threads", type=Threads(),
                               help="Intra-op threads per session, at most the cores [default: ONNX Runtime's choice].")

@@ -27,7 +27,6 @@ from dovetail_onnx.runtime.manifest import GraphSpec
 from dovetail_onnx.runtime.target import Target
 from dovetail_onnx.runtime.tree import MASKED, Tree, causal
 
-PRECISIONS = ("fp32", "int8", "int4")
 # MatMulNBits with int8 activations (accuracy level 4) is the fast CPU kernel for quantized weights.
 BUILDER_OPTIONS = {"fp32": [], "int8": ["accuracy_level=4"], "int4": ["accuracy_level=4"]}
 # It quantizes activations, so a 1e-7 difference upstream can flip a rounding and move logits by ~0.5.

@@ -262,18 +262,18 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
         else:
             path, bonus = accept_sampled(tree, sampling.probs(logits), rng)
         target.kv.keep(np.asarray(path))
-        features = hidden[path].copy()
-        next_tokens = np.append(tree.tokens[path[1:]], bonus)
+        emitted = np.append(tree.tokens[path[1:]], bonus)
+        features, next_tokens = hidden[path].copy(), emitted
         if pending:
-            features, next_tokens = np.concatenate((pending[0], features)), np.concatenate((pending[1], next_tokens))
+            features, next_tokens = np.concatenate((pending[0], features)), np.concatenate((pending[1], emitted))
         stats.draft_s += t1 - t0
         stats.verify_s += t2 - t1
         stats.target_forwards += 1
         stats.accepted.append(len(path))
         stats.accepted_copied += sum(node >= first_copied for node in path[1:])
-        emitted = np.append(tree.tokens[path[1:]], bonus).tolist()
-        model.history += emitted
-        yield emitted
+        new = emitted.tolist()
+        model.history += new
+        yield new
 
 
 def _target_only(model: Model, prompt: np.ndarray, params: GeneratorParams, stats: Stats) -> Iterator[list[int]]:

@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, \
     model_validator
@@ -19,6 +19,8 @@ from dovetail_onnx.runtime.errors import DovetailError
 FORMAT_VERSION = 2
 MANIFEST = "dovetail.json"
 TOKENIZER = "tokenizer.json"
+Precision = Literal["fp32", "int8", "int4"]  # of the target's weights (export/target.py)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 # One verify forward's rows: the target's output buffers hold this many (see buffers.PREFILL_CHUNK).
 MAX_TREE_TOKENS = 128
 
@@ -67,7 +69,7 @@ class GraphSpec(BaseModel):
     kv_width: Positive  # kv_heads × head_dim
     hidden_size: Positive
     vocab_size: Positive
-    precision: Literal["fp32", "int8", "int4"] = "fp32"  # of the weights
+    precision: Precision = "fp32"
     min_rows: Literal[1, 2] = 1  # rows every forward runs (see export/target.py: quantized kernels)
     verify: Literal["tree", "chain"] = "tree"  # draft shapes whose rows equal sequential decoding
     cpu_file: FileName | None = None  # drafter only: the int8 graph to use when it runs on a CPU

@@ -50,13 +50,12 @@ class Tree:
 
     def graft(self, chain: np.ndarray) -> tuple[Tree, int]:
         """This tree with `chain` hung under the root: where the chain's tokens are already a path it follows
-        that path, the rest is appended. Returns the tree and its first appended node."""
-        tokens, parents, node = list(self.tokens), list(self.parents), 0
+        that path, the rest is appended. Returns the tree (itself when nothing is new) and its first appended node."""
+        node = 0
         for i, token in enumerate(chain):
             match = [c for c in self.children(node) if self.tokens[c] == token]
             if not match:
-                tokens += [int(t) for t in chain[i:]]
-                parents += [node, *range(len(self), len(self) + len(chain) - i - 1)]
-                break
+                parents = [node, *range(len(self), len(self) + len(chain) - i - 1)]
+                return Tree(np.concatenate((self.tokens, chain[i:])), np.concatenate((self.parents, parents))), len(self)
             node = int(match[0])
-        return Tree(np.array(tokens, dtype=np.int64), np.array(parents)), len(self)
+        return self, len(self)
