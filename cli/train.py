@@ -22,8 +22,15 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
               help="Stop training after this many minutes even if steps remain.")
 @click.option("--batch-tokens", type=click.IntRange(64), default=4096, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
-@click.option("--unroll", type=click.IntRange(1, 2), default=2, show_default=True,
-              help="2: also train on the drafter's own predicted features (helps deeper tree levels).")
+@click.option("--unroll", type=click.IntRange(1, 3), default=2, show_default=True,
+              help="Passes per batch: 2 and 3 also train on the drafter's own predicted features, as deeper "
+                   "tree levels read them.")
+@click.option("--ce-weight", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="Weight of the cross-entropy against the target's next-token distribution.")
+@click.option("--regression-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Weight of the smooth-L1 regression onto the target's next feature.")
+@click.option("--init", "init_from", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Start from this drafter folder's weights (e.g. the shipped one) instead of random ones.")
 @click.option("--distill-prompts", type=click.IntRange(0), default=1000, show_default=True,
               help="User prompts the target answers greedily (self-distillation).")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=128, show_default=True,
@@ -37,15 +44,17 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
 @click.option("--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True,
               help="Where generated data and checkpoints are kept.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of this output.")
+@click.option("--data-only", is_flag=True, help="Make (or extend) the cached data, then stop before training.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads [default: torch's choice].")
 @click.option("--seed", type=int, default=0, show_default=True)
-def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unroll, distill_prompts, max_new_tokens,
-          text_tokens, seq_len, draft_vocab, cache, resume, threads, seed):
+def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unroll, ce_weight, regression_weight,
+          init_from, distill_prompts, max_new_tokens,
+          text_tokens, seq_len, draft_vocab, cache, resume, data_only, threads, seed):
     """Train a drafter for TARGET (a Hugging Face folder or a .gguf file) on the target's own outputs."""
     import torch  # the build side only
 
     from dovetail_onnx.export.data import DataSettings, describe, make_data
-    from dovetail_onnx.export.drafter import rank_tokens, save_drafter
+    from dovetail_onnx.export.drafter import load_drafter, save_drafter
     from dovetail_onnx.export.load import load_target
     from dovetail_onnx.export.train import TrainSettings, metrics_json, train_drafter
 
@@ -58,13 +67,14 @@ def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unro
     sequences = make_data(model, tokenizer, cache, data)
     data_s = time.perf_counter() - started
     click.echo(f"data: {describe(sequences)} ({data_s:.0f} s)", err=True)
+    if data_only:
+        return
 
     settings = TrainSettings(fusion=fusion, layers=layers, steps=steps, minutes=minutes, batch_tokens=batch_tokens,
-                             lr=lr, unroll=unroll, seed=seed)
+                             lr=lr, unroll=unroll, ce_weight=ce_weight, regression_weight=regression_weight, seed=seed)
+    init = load_drafter(init_from, model, tokenizer) if init_from else None
     checkpoint = Path(cache) / "checkpoints" / f"{Path(output).resolve().name}-{fusion}-{layers}.pt"
-    drafter, metrics = train_drafter(model, tokenizer, sequences, settings, checkpoint, resume)
-    # The tokens the target itself emits (answers and text), most frequent first, for a truncated draft head.
-    drafter.token_ranking = rank_tokens([s.ids[s.start:] for s in sequences if not s.heldout], drafter.config.vocab_size)
+    drafter, metrics = train_drafter(model, tokenizer, sequences, settings, checkpoint, resume, init=init)
     drafter.config.draft_vocab_size = draft_vocab
     save_drafter(drafter, Path(output), dtype=torch.float16)
     metrics.extra |= {"data_seconds": round(data_s, 1), "total_seconds": round(time.perf_counter() - started, 1)}

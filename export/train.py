@@ -4,16 +4,18 @@ At drafter position i the input is (target feature of token i, token i+1) and th
 the target's feature of token i+1; the frozen LM head turns it into a guess for token i+2.
 
 Objective (EAGLE): smooth-L1 between predicted and true features + 0.1 × cross-entropy between the
-head's distribution on the true feature and on the predicted one.
+head's distribution on the true feature and on the predicted one. The cross-entropy is taken over
+the draft vocabulary (the most frequent tokens of the training data, what the exported head scores),
+which also keeps the head's cost below the drafter's.
 
 Input noise: each input feature gets uniform noise U(-a, a)·rms(feature), a = 0.1 by default.
 EAGLE adds U(-0.1, 0.1) to features of order one; scaling by the feature's RMS keeps the same
 relative size whatever the target's feature scale.
 
-Deeper tree levels feed the drafter its own predictions. With `unroll=2` every batch gets a second
-pass whose input features are the first pass's predictions (shifted by one position, detached), that
-attends to the first pass's keys before its position and to itself — exactly what a depth-2 tree
-node sees at run time. Its loss is weighted by `unroll_weight`.
+Deeper tree levels feed the drafter its own predictions. With `unroll=n` every batch gets n − 1 more
+passes; pass d reads pass d − 1's predictions (shifted by one position, detached) and attends to what a
+depth-(d + 1) tree node sees at run time: first-pass keys up to d positions back, then one key of each
+later pass along its own path (unrolled_mask). Pass d's loss is weighted by `unroll_weight ** d`.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dovetail_onnx.export.data import Sequence
-from dovetail_onnx.export.drafter import Drafter, DrafterConfig
+from dovetail_onnx.export.drafter import Drafter, DrafterConfig, rank_tokens
 from dovetail_onnx.export.modules import causal_mask
 from dovetail_onnx.runtime.errors import DovetailError
 
@@ -49,6 +51,8 @@ class TrainSettings:
     clip: float = 0.5
     noise: float = 0.1
     ce_weight: float = 0.1
+    regression_weight: float = 1.0
+    loss_vocab: int = 16384  # tokens the cross-entropy is taken over, most frequent first (0 = all seen)
     unroll: int = 2
     unroll_weight: float = 0.8
     bf16: bool = True  # autocast matmuls to bf16: the 49k-row LM head dominates the cost otherwise
@@ -128,12 +132,14 @@ def empty_past(drafter: Drafter, batch: int) -> list[torch.Tensor]:
     return [torch.zeros(batch, 0, width) for _ in range(2 * c.num_layers)]
 
 
-def unrolled_mask(seq: int) -> torch.Tensor:
-    """Second pass: first-pass keys strictly before the query, then only its own second-pass key."""
+def unrolled_mask(seq: int, depth: int = 1) -> torch.Tensor:
+    """Pass `depth` over the keys of passes 0..depth: at position j, first-pass keys at positions
+    ≤ j − depth, then pass i's key at j − depth + i — the path of a depth-(depth + 1) tree node."""
     low = torch.finfo(torch.float32).min
-    before = torch.full((seq, seq), low).triu(0)
-    itself = torch.full((seq, seq), low).fill_diagonal_(0.0)
-    return torch.cat((before, itself), dim=1)[None, None]
+    query, key = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+    blocks = [torch.where(key <= query - depth, 0.0, low)]
+    blocks += [torch.where(key == query - depth + i, 0.0, low) for i in range(1, depth + 1)]
+    return torch.cat(blocks, dim=1)[None, None]
 
 
 def add_noise(features: torch.Tensor, scale: float) -> torch.Tensor:
@@ -148,12 +154,13 @@ def predict(drafter: Drafter, batch: Batch, unroll: int, noise: float) -> list[t
     inputs, ids = add_noise(batch.features[:, :-1], noise), batch.ids[:, 1:]
     size, seq = ids.shape
     positions = torch.arange(seq).expand(size, seq)
-    first, *kv = drafter(inputs, ids, positions, causal_mask(seq), *empty_past(drafter, size))
+    first, *past = drafter(inputs, ids, positions, causal_mask(seq), *empty_past(drafter, size))
     preds = [first]
-    if unroll > 1:
-        fed = torch.cat((inputs[:, :1], first[:, :-1].detach()), dim=1)
-        second, *_ = drafter(fed, ids, positions, unrolled_mask(seq), *kv)
-        preds.append(second)
+    for depth in range(1, unroll):
+        fed = torch.cat((inputs[:, :1], preds[-1][:, :-1].detach()), dim=1)
+        pred, *new = drafter(fed, ids, positions, unrolled_mask(seq, depth), *past)
+        preds.append(pred)
+        past = [torch.cat((old, added), dim=1) for old, added in zip(past, new)]
     return preds
 
 
@@ -173,15 +180,15 @@ def losses(drafter: Drafter, preds: list[torch.Tensor], batch: Batch, settings: 
     total, hits = 0.0, []
     for depth, pred in enumerate(preds):
         keep = batch.valid.clone()
-        if depth > 0:
-            keep[:, 0] = False  # its input is the true feature, not a prediction
+        keep[:, :depth] = False  # too close to the start for a prediction to feed it
         chosen = keep[batch.valid]
         pred = pred[batch.valid]
         regression = F.smooth_l1_loss(pred.float(), target, reduction="none").mean(-1)
         logp = F.linear(pred, head).float().log_softmax(-1)
         ce = -(target_probs * logp).sum(-1)
         weight = settings.unroll_weight**depth
-        total = total + weight * ((regression + settings.ce_weight * ce) * chosen).sum() / chosen.sum().clamp(min=1)
+        loss = settings.regression_weight * regression + settings.ce_weight * ce
+        total = total + weight * (loss * chosen).sum() / chosen.sum().clamp(min=1)
         hits.append((logp.argmax(-1) == target_tokens) & chosen)
     return total, hits
 
@@ -231,9 +238,10 @@ def learning_rate(step: int, settings: TrainSettings) -> float:
     return settings.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def seen_tokens(sequences: list[Sequence]) -> torch.Tensor:
-    """Token ids that occur in the data: the vocabulary the training loss is computed over."""
-    return torch.unique(torch.cat([s.ids for s in sequences]))
+def loss_tokens(ranking: torch.Tensor, sequences: list[Sequence], size: int) -> torch.Tensor:
+    """The ids the cross-entropy is taken over: the `size` most frequent, or every id the data holds."""
+    seen = torch.unique(torch.cat([s.ids for s in sequences]))
+    return ranking[:size].sort().values if 0 < size < len(seen) else seen
 
 
 def trainable(drafter: Drafter) -> list[torch.nn.Parameter]:
@@ -263,22 +271,30 @@ def load_checkpoint(path: Path, drafter: Drafter, optimizer: torch.optim.Optimiz
 
 def train_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sequences: list[Sequence],
                   settings: TrainSettings, checkpoint: Path | None = None, resume: bool = False,
-                  progress: bool = True) -> tuple[Drafter, Metrics]:
-    """Train a fresh drafter (or resume one from `checkpoint`) and return it with held-out metrics."""
+                  progress: bool = True, init: Drafter | None = None) -> tuple[Drafter, Metrics]:
+    """Train a drafter and return it with held-out metrics: fresh, from `init`'s weights (a shipped
+    drafter trained on more data goes on learning), or resumed from `checkpoint`."""
     train = [s for s in sequences if not s.heldout and len(s.ids) > 1]
     heldout = [s for s in sequences if s.heldout and len(s.ids) > 1]
     if not train or not heldout:
         raise DovetailError("not enough training data: make more sequences (more prompts or text tokens)")
     torch.manual_seed(settings.seed)
     drafter = Drafter(DrafterConfig.for_target(target, tokenizer, settings.fusion, settings.layers))
+    if init is not None:
+        if (init.config.fusion, init.config.num_layers) != (settings.fusion, settings.layers):
+            raise DovetailError(f"--init drafter is {init.config.fusion} with {init.config.num_layers} layers, "
+                                f"not {settings.fusion} with {settings.layers}; match --fusion and --layers to it")
+        drafter.load_state_dict(init.trained_state_dict(), strict=False)
     drafter.attach_target(target).train()
+    # Tokens the target emits (answers and text), most frequent first: the draft vocabulary.
+    drafter.token_ranking = rank_tokens([s.ids[s.start:] for s in train], drafter.config.vocab_size)
     optimizer = torch.optim.AdamW(trainable(drafter), lr=settings.lr, betas=(0.9, 0.95),
                                   weight_decay=settings.weight_decay)
     step = 0
     if resume and checkpoint is not None and checkpoint.exists():
         step = load_checkpoint(checkpoint, drafter, optimizer, settings)
     quick_eval = eval_batches(heldout, settings.batch_tokens, settings.eval_tokens)
-    head = drafter.lm_head.weight[seen_tokens(train)]
+    head = drafter.lm_head.weight[loss_tokens(drafter.token_ranking, train, settings.loss_vocab)]
     started, seen = time.perf_counter(), 0
     bar = tqdm(total=settings.steps, initial=step, desc="train drafter", unit="step", disable=not progress)
     while step < settings.steps:

@@ -1,6 +1,8 @@
 """Drafter training on a tiny target: data cache, loss going down, unrolled pass, checkpoints."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -11,9 +13,10 @@ from dovetail_onnx.export.drafter import load_drafter, save_drafter
 from dovetail_onnx.export.load import load_target
 from dovetail_onnx.export.modules import causal_mask
 from dovetail_onnx.export.train import TrainSettings, collate, empty_past, predict, train_drafter
+from dovetail_onnx.runtime.errors import DovetailError
 from tiny import save_model
 
-SETTINGS = DataSettings(distill_prompts=12, max_new_tokens=12, text_tokens=1500, seq_len=128, distill_batch=6,
+SETTINGS = DataSettings(distill_prompts=12, max_new_tokens=12, text_tokens=1500, seq_len=128, distill_batch=6, chunk=4,
                         heldout_every=4)
 
 
@@ -51,6 +54,34 @@ def test_data_is_cached_and_split(target, sequences, tmp_path, monkeypatch):
     assert [s.ids.tolist() for s in again] == [s.ids.tolist() for s in sequences]
 
 
+def test_more_data_extends_the_cache(target, sequences, tmp_path, monkeypatch):
+    """Asking for more prompts and text keeps every cached sequence and makes only the new chunks."""
+    cache = tmp_path / "cache"
+    small = make_data(*target, cache, SETTINGS)
+    made = []
+    answer = data_module.greedy_answers
+    monkeypatch.setattr(data_module, "greedy_answers", lambda model, prompts, *rest: made.append(len(prompts))
+                        or answer(model, prompts, *rest))
+    bigger = replace(SETTINGS, distill_prompts=2 * SETTINGS.distill_prompts, text_tokens=2 * SETTINGS.text_tokens)
+    large = make_data(*target, cache, bigger)
+    assert 0 < sum(made) <= SETTINGS.distill_prompts
+    for kind in data_module.KINDS:
+        before = [s.ids.tolist() for s in small if s.kind == kind]
+        after = [s.ids.tolist() for s in large if s.kind == kind]
+        assert len(after) > len(before) and after[: len(before)] == before
+
+
+def test_prompt_stream_keeps_its_prefix_and_leaves_benchmark_code_out():
+    prompts = data_module.distill_prompts(300, seed=0)
+    assert data_module.distill_prompts(120, seed=0) == prompts[:120]
+    assert len({str(p) for p in prompts}) == len(prompts)
+    code = data_module.stdlib_functions()
+    assert len(code) > 1000 and all(f["doc"] and f["source"].startswith("def ") for f in code)
+    # the benchmark's own functions (e.g. textwrap.dedent, difflib.unified_diff) are not there
+    names = {f["name"] for f in code}
+    assert "dedent" not in names and "unified_diff" not in names and "collapse_addresses" not in names
+
+
 def test_training_lowers_the_loss(target, sequences):
     _, before = train_drafter(*target, sequences, quick(steps=0), progress=False)
     _, after = train_drafter(*target, sequences, quick(), progress=False)
@@ -58,20 +89,40 @@ def test_training_lowers_the_loss(target, sequences):
     assert after.extra["steps"] == 40
 
 
-def test_unrolled_pass_matches_a_depth_two_tree_node(target, sequences):
-    """Second-pass output at position j == the drafter run on first-pass K/V before j plus its own input."""
-    drafter, _ = train_drafter(*target, sequences, quick(steps=5, unroll=2), progress=False)
+def test_unrolled_passes_match_tree_nodes_at_depth_two_and_three(target, sequences):
+    """Pass 2 at position j == a depth-2 node: first-pass K/V before j, then its own input. Pass 3 at j ==
+    a depth-3 node: first-pass K/V before j − 1, the depth-2 node at j − 1, then its own input."""
+    drafter, _ = train_drafter(*target, sequences, quick(steps=5, unroll=3), progress=False)
     drafter.eval()
     batch = collate([s for s in sequences if len(s.ids) > 8][:1])
     with torch.no_grad():
-        first, second = predict(drafter, batch, unroll=2, noise=0.0)
+        first, second, third = predict(drafter, batch, unroll=3, noise=0.0)
         inputs, ids = batch.features[:, :-1], batch.ids[:, 1:]
         seq = ids.shape[1]
         _, *kv = drafter(inputs, ids, torch.arange(seq)[None], causal_mask(seq), *empty_past(drafter, 1))
         j = seq // 2
-        node, *_ = drafter(first[:, j - 1: j], ids[:, j: j + 1], torch.tensor([[j]]), torch.zeros(1, 1, 1, 1),
+        visible = torch.zeros(1, 1, 1, 1)
+        depth2, *kv2 = drafter(first[:, j - 2: j - 1], ids[:, j - 1: j], torch.tensor([[j - 1]]), visible,
+                               *[t[:, : j - 1] for t in kv])
+        node, *_ = drafter(first[:, j - 1: j], ids[:, j: j + 1], torch.tensor([[j]]), visible,
                            *[t[:, :j] for t in kv])
+        path = [torch.cat((t[:, : j - 1], new), dim=1) for t, new in zip(kv, kv2)]
+        node3, *_ = drafter(depth2, ids[:, j: j + 1], torch.tensor([[j]]), visible, *path)
     torch.testing.assert_close(node[0, 0], second[0, j], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(depth2[0, 0], second[0, j - 1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(node3[0, 0], third[0, j], atol=1e-4, rtol=1e-4)
+
+
+def test_init_starts_from_a_drafters_weights(target, sequences, tmp_path):
+    trained, _ = train_drafter(*target, sequences, quick(steps=20), progress=False)
+    save_drafter(trained, tmp_path / "drafter")
+    _, fresh = train_drafter(*target, sequences, quick(steps=0), progress=False)
+    _, warm = train_drafter(*target, sequences, quick(steps=0), progress=False,
+                            init=load_drafter(tmp_path / "drafter", *target))
+    _, again = train_drafter(*target, sequences, quick(steps=20), progress=False)
+    assert warm.loss == pytest.approx(again.loss, rel=1e-4) and warm.loss < fresh.loss
+    with pytest.raises(DovetailError, match="match --fusion and --layers"):
+        train_drafter(*target, sequences, quick(steps=0, layers=2), progress=False, init=load_drafter(tmp_path / "drafter", *target))
 
 
 def test_checkpoint_round_trip(target, sequences, tmp_path):
