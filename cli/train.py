@@ -25,7 +25,7 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
 @click.option("--unroll", type=click.IntRange(1, 3), default=2, show_default=True,
               help="Passes per batch: 2 and 3 also train on the drafter's own predicted features, as deeper "
                    "tree levels read them.")
-@click.option("--ce-weight", type=click.FloatRange(min=0), default=0.1, show_default=True,
+@click.option("--ce-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Weight of the cross-entropy against the target's next-token distribution.")
 @click.option("--regression-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Weight of the smooth-L1 regression onto the target's next feature.")

@@ -3,8 +3,10 @@
 At drafter position i the input is (target feature of token i, token i+1) and the output should be
 the target's feature of token i+1; the frozen LM head turns it into a guess for token i+2.
 
-Objective (EAGLE): smooth-L1 between predicted and true features + 0.1 × cross-entropy between the
-head's distribution on the true feature and on the predicted one. The cross-entropy is taken over
+Objective (EAGLE's terms): smooth-L1 between predicted and true features + cross-entropy between the
+head's distribution on the true feature and on the predicted one. EAGLE weighs the cross-entropy
+0.1; here 1.0, which gave the better held-out top-1 on SmolLM2 (0.416 against 0.409 after 50 steps
+from the same weights; regression off: 0.412). The cross-entropy is taken over
 the draft vocabulary (the most frequent tokens of the training data, what the exported head scores),
 which also keeps the head's cost below the drafter's.
 
@@ -50,7 +52,7 @@ class TrainSettings:
     weight_decay: float = 0.01
     clip: float = 0.5
     noise: float = 0.1
-    ce_weight: float = 0.1
+    ce_weight: float = 1.0
     regression_weight: float = 1.0
     loss_vocab: int = 16384  # tokens the cross-entropy is taken over, most frequent first (0 = all seen)
     unroll: int = 2

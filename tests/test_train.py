@@ -85,7 +85,8 @@ def test_prompt_stream_keeps_its_prefix_and_leaves_benchmark_code_out():
 def test_training_lowers_the_loss(target, sequences):
     _, before = train_drafter(*target, sequences, quick(steps=0), progress=False)
     _, after = train_drafter(*target, sequences, quick(), progress=False)
-    assert after.loss < 0.8 * before.loss
+    # The cross-entropy against a random target's flat distribution has a high floor; top-1 shows the learning.
+    assert after.loss < before.loss and after.extra["all_top1"] > 0.2 > 10 * before.extra["all_top1"]
     assert after.extra["steps"] == 40
 
 
