@@ -31,7 +31,7 @@ def test_embedded_parts_are_joined_in_order_and_converted_once(tmp_path, monkeyp
         return make_model("llama"), make_tokenizer()
 
     monkeypatch.setattr(load, "_load_gguf", convert)
-    model, tokenizer = load.load_target("fake-model")
+    load.load_target("fake-model")
     assert seen == [b"GGUF-first-second-third"]
     again, _ = load.load_target("fake-model")
     assert len(seen) == 1  # the second load reads the converted folder
