@@ -70,16 +70,20 @@ def resolve_target(source: str | os.PathLike) -> Path:
     work = folder.with_name(f"{name}.partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    gguf = parts[0]
-    if len(parts) > 1:
-        gguf = work / f"{name}.gguf"
-        with gguf.open("wb") as out:
-            for part in parts:
-                with part.open("rb") as chunk:
-                    shutil.copyfileobj(chunk, out, 1 << 24)
-    model, tokenizer = _load_gguf(gguf)
-    model.save_pretrained(work)
-    tokenizer.save_pretrained(work)
+    try:
+        gguf = parts[0]
+        if len(parts) > 1:
+            gguf = work / f"{name}.gguf"
+            with gguf.open("wb") as out:
+                for part in parts:
+                    with part.open("rb") as chunk:
+                        shutil.copyfileobj(chunk, out, 1 << 24)
+        model, tokenizer = _load_gguf(gguf)
+        model.save_pretrained(work)
+        tokenizer.save_pretrained(work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # no half-converted copy is left behind
+        raise
     if gguf.parent == work:
         gguf.unlink()
     work.rename(folder)  # whole or absent: an interrupted conversion is redone
@@ -103,7 +107,7 @@ def load_target(source: str | os.PathLike) -> tuple[PreTrainedModel, PreTrainedT
     try:
         path = resolve_target(source)
     except (OSError, ValueError, KeyError) as exc:
-        raise DovetailError(f"cannot convert {source}: {str(exc).splitlines()[0]}; reinstall it "
+        raise DovetailError(f"cannot convert {source}: {str(exc).splitlines()[0].rstrip('.')}; reinstall it "
                             f"(`{EMBEDDED[str(source)].install} --force-reinstall`)") from exc
     if not path.exists():
         raise DovetailError(f"target not found: {path}; pass a Hugging Face model folder or a .gguf file")

