@@ -1,12 +1,16 @@
 """Drafter checkpoints: our folder format and the Dovetail / EAGLE reference layouts."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from dovetail_onnx.export.drafter import Drafter, load_drafter, random_drafter, save_drafter
+from dovetail_onnx.export.artifact import SHIPPED
+from dovetail_onnx.export.drafter import Drafter, DrafterConfig, load_drafter, random_drafter, save_drafter
 from dovetail_onnx.export.modules import causal_mask
 from dovetail_onnx.runtime.manifest import load_manifest
 from dovetail_onnx.runtime.tree import additive
@@ -80,3 +84,16 @@ def test_drafter_graph_tree_step_matches_sequential(artifacts):
     seq_out, _ = run(feats[5:6], ids[5:6], [4], np.zeros((1, 1, 1, 1), np.float32), past)
     np.testing.assert_allclose(tree_out["topk_logprobs"], seq_out["topk_logprobs"], atol=1e-4)
     np.testing.assert_array_equal(tree_out["topk_ids"], seq_out["topk_ids"])
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent for p in SHIPPED.glob("*/config.json")), ids=lambda p: p.name)
+def test_shipped_drafters_are_complete_and_small(folder):
+    """Each shipped drafter names the target it was trained for, ranks that target's whole vocabulary,
+    carries its recipe and stays ≤ 40 MB."""
+    assert (folder / "RECIPE.md").is_file()
+    assert (folder / "model.safetensors").stat().st_size <= 40 * 2**20
+    config = DrafterConfig(**json.loads((folder / "config.json").read_text()))
+    assert config.target["vocab_size"] == config.vocab_size
+    assert 0 < config.draft_vocab_size <= config.vocab_size
+    ranking = load_file(str(folder / "model.safetensors"))["token_ranking"]
+    assert sorted(ranking.tolist()) == list(range(config.vocab_size))
