@@ -167,32 +167,41 @@ def predict(drafter: Drafter, batch: Batch, unroll: int, noise: float) -> list[t
 
 
 def losses(drafter: Drafter, preds: list[torch.Tensor], batch: Batch, settings: TrainSettings,
-           head: torch.Tensor | None = None):
+           head: torch.Tensor | None = None, chunk_rows: int | None = None):
     """Weighted EAGLE loss over the passes, plus per-pass argmax hits for accuracy.
 
     `head`: LM-head rows to score against (default: all). Training passes only the tokens that occur
     in its data: softmaxes over the full 49k-token vocabulary would cost more than the drafter.
+    `chunk_rows`: score this many positions at a time (evaluation without gradients): a 4,096-token
+    batch against a 152k-token head would otherwise hold several [4096, 152k] float tensors at once.
     """
     head = drafter.lm_head.weight if head is None else head
     target = batch.features[:, 1:][batch.valid]
-    with torch.no_grad():
-        target_logits = F.linear(target, head).float()
-        target_probs = target_logits.softmax(-1)
-        target_tokens = target_logits.argmax(-1)
-    total, hits = 0.0, []
-    for depth, pred in enumerate(preds):
+    flat = [pred[batch.valid] for pred in preds]
+    chosen = []
+    for depth in range(len(preds)):
         keep = batch.valid.clone()
         keep[:, :depth] = False  # too close to the start for a prediction to feed it
-        chosen = keep[batch.valid]
-        pred = pred[batch.valid]
-        regression = F.smooth_l1_loss(pred.float(), target, reduction="none").mean(-1)
-        logp = F.linear(pred, head).float().log_softmax(-1)
-        ce = -(target_probs * logp).sum(-1)
-        weight = settings.unroll_weight**depth
-        loss = settings.regression_weight * regression + settings.ce_weight * ce
-        total = total + weight * (loss * chosen).sum() / chosen.sum().clamp(min=1)
-        hits.append((logp.argmax(-1) == target_tokens) & chosen)
-    return total, hits
+        chosen.append(keep[batch.valid])
+    step = chunk_rows or max(len(target), 1)
+    terms: list[list[torch.Tensor]] = [[] for _ in preds]
+    hits: list[list[torch.Tensor]] = [[] for _ in preds]
+    for start in range(0, len(target), step):
+        rows = slice(start, start + step)
+        with torch.no_grad():
+            target_logits = F.linear(target[rows], head).float()
+            target_probs = target_logits.softmax(-1)
+            target_tokens = target_logits.argmax(-1)
+        for depth, pred in enumerate(flat):
+            regression = F.smooth_l1_loss(pred[rows].float(), target[rows], reduction="none").mean(-1)
+            logp = F.linear(pred[rows], head).float().log_softmax(-1)
+            ce = -(target_probs * logp).sum(-1)
+            loss = settings.regression_weight * regression + settings.ce_weight * ce
+            terms[depth].append((loss * chosen[depth][rows]).sum())
+            hits[depth].append((logp.argmax(-1) == target_tokens) & chosen[depth][rows])
+    total = sum(settings.unroll_weight**depth * torch.stack(parts).sum() / chosen[depth].sum().clamp(min=1)
+                for depth, parts in enumerate(terms))
+    return total, [torch.cat(h) for h in hits]
 
 
 def hit_counts(hits: list[torch.Tensor], batch: Batch, answers_only: bool) -> tuple[int, int, int, int]:
@@ -209,6 +218,9 @@ def hit_counts(hits: list[torch.Tensor], batch: Batch, answers_only: bool) -> tu
     return first, counted, int((hits[1] & given).sum()), int(given.sum())
 
 
+EVAL_CHUNK_ROWS = 512
+
+
 @torch.no_grad()
 def evaluate(drafter: Drafter, batches: list[Batch], settings: TrainSettings) -> Metrics:
     """Held-out top-1 on the self-distilled answers (what acceptance at run time depends on) and overall."""
@@ -216,7 +228,8 @@ def evaluate(drafter: Drafter, batches: list[Batch], settings: TrainSettings) ->
     loss, answer, overall = 0.0, torch.zeros(4), torch.zeros(4)
     for batch in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-            batch_loss, hits = losses(drafter, predict(drafter, batch, max(settings.unroll, 2), 0.0), batch, settings)
+            batch_loss, hits = losses(drafter, predict(drafter, batch, max(settings.unroll, 2), 0.0), batch, settings,
+                                      chunk_rows=EVAL_CHUNK_ROWS)
         answer += torch.tensor(hit_counts(hits, batch, answers_only=True))
         overall += torch.tensor(hit_counts(hits, batch, answers_only=False))
         loss += batch_loss.item() * int(batch.valid.sum())

@@ -156,3 +156,18 @@ def test_resume_continues_where_it_stopped(target, sequences, tmp_path, monkeypa
     assert metrics.extra["steps"] == 10
     for key, value in straight.trained_state_dict().items():
         torch.testing.assert_close(resumed.trained_state_dict()[key], value)
+
+
+def test_chunked_scoring_equals_whole_batch(target, sequences):
+    """Evaluation scores positions a chunk at a time to bound memory; the loss and hits must not change."""
+    drafter, _ = train_drafter(*target, sequences, quick(steps=5), progress=False)
+    drafter.eval()
+    batch = collate(sequences[:4])
+    settings = quick()
+    with torch.no_grad():
+        preds = predict(drafter, batch, unroll=2, noise=0.0)
+        whole, whole_hits = train_module.losses(drafter, preds, batch, settings)
+        chunked, chunked_hits = train_module.losses(drafter, preds, batch, settings, chunk_rows=7)
+    torch.testing.assert_close(chunked, whole)
+    for a, b in zip(whole_hits, chunked_hits):
+        assert torch.equal(a, b)
