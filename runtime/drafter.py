@@ -83,7 +83,8 @@ class Drafter:
         self.forwards += 1
         return self.ids.array[:seq], self.logprobs.array[:seq]
 
-    def propose(self, features: np.ndarray, tokens: np.ndarray, total: int | None = None) -> Tree:
+    def propose(self, features: np.ndarray, tokens: np.ndarray, total: int | None = None,
+                chain: np.ndarray | None = None) -> Tree:
         """Extend the drafter's past with (feature_i, token_{i+1}) pairs, then grow a tree at `tokens[-1]`.
 
         EAGLE-2: expand the `top_k` best nodes by cumulative log-prob at each of `depth` levels,
@@ -92,6 +93,7 @@ class Drafter:
         are expanded: the cut only rises and a child never outscores its parent, so the others'
         descendants could never enter the tree. Each forward then runs only rows that can count, and
         a level with none ends the drafting. `total` (default: the tree settings') of 1 only extends the past.
+        A prompt-lookup `chain` to be grafted later shares the `total` places (see `best_tree`).
         """
         top_k, depth = self.settings.top_k, self.settings.depth
         total = self.settings.total_tokens if total is None else total
@@ -141,7 +143,26 @@ class Drafter:
             frontier = first + best
             parent_rows = best // top_k
 
-        keep = np.sort(np.argsort(-np.array(cand_score), kind="stable")[: total - 1])
-        node_of = {-1: 0, **{int(c): i + 1 for i, c in enumerate(keep)}}
-        parents = [-1] + [node_of[cand_parent[c]] for c in keep]
-        return Tree(np.array([tokens[-1], *np.array(cand_tokens)[keep]], dtype=np.int64), np.array(parents))
+        return best_tree(int(tokens[-1]), np.array(cand_tokens), np.array(cand_parent), np.array(cand_score), total,
+                         np.asarray(chain if chain is not None else [], dtype=np.int64))
+
+
+def best_tree(root: int, tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray, total: int,
+              chain: np.ndarray) -> Tree:
+    """The tree of the best candidates (parent −1 = root) that leaves room for `chain` to be grafted within `total`.
+
+    The chain's leading tokens that the candidates already hold as a path from the root are kept whatever their
+    score and cost nothing extra: only the rest of the chain takes places from the drafter's candidates.
+    """
+    held, node = [], -1
+    for token in chain:
+        match = np.flatnonzero((parents == node) & (tokens == token))
+        if not len(match):
+            break
+        node = int(match[0])
+        held.append(node)
+    ranked = -scores
+    ranked[held] = -np.inf
+    keep = np.sort(np.argsort(ranked, kind="stable")[: total - 1 - (len(chain) - len(held))])
+    node_of = {-1: 0, **{int(c): i + 1 for i, c in enumerate(keep)}}
+    return Tree(np.array([root, *tokens[keep]], dtype=np.int64), np.array([-1] + [node_of[parents[c]] for c in keep]))

@@ -239,8 +239,8 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     yield [token]
     # The drafter reads (target feature of token i, token i+1): the prompt shifted by one.
     next_tokens = np.append(prompt[keep + 1 :], token)
-    # Prompt lookup: a chain copied from the text so far takes part of the tree's budget (all of a chain's),
-    # no deeper than the tree.
+    # Prompt lookup: a chain copied from the text so far shares the tree's budget (the part of it the drafter's own
+    # tree does not hold; all of it in chain mode), no deeper than the tree.
     chains = model.manifest.target.verify == "chain"
     room = min(tree_settings.total_tokens - 1 if chains else (tree_settings.total_tokens - 1) // 2, tree_settings.depth)
     while True:
@@ -251,7 +251,7 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
             tree, first_copied = Tree(next_tokens[-1:], np.array([-1])).graft(copied)
             pending = (features, next_tokens)
         else:
-            tree = drafter.propose(features, next_tokens, tree_settings.total_tokens - len(copied))
+            tree = drafter.propose(features, next_tokens, tree_settings.total_tokens, copied)
             tree, first_copied = tree.graft(copied)
             pending = None
         t1 = time.perf_counter()

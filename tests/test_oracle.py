@@ -30,7 +30,7 @@ class OracleDrafter:
     def wrong(self, token: int) -> int:
         return int((token + 1 + self.rng.integers(self.vocab - 1)) % self.vocab)
 
-    def propose(self, features: np.ndarray, tokens: np.ndarray, total: int | None = None) -> Tree:
+    def propose(self, features: np.ndarray, tokens: np.ndarray, total: int | None = None, chain=None) -> Tree:
         assert np.array_equal(tokens, self.sequence[self.seen : self.seen + len(tokens)])
         self.seen += len(tokens)
         truth = self.sequence[self.seen : self.seen + int(self.rng.integers(2, 7))]
