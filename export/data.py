@@ -58,6 +58,7 @@ class DataSettings:
     """What data to make; every field is part of the cache key."""
 
     distill_prompts: int = 1000  # user prompts the target answers greedily
+    distill_skip: int = 0  # leading prompts of the stream left out, in whole chunks (an --init drafter saw them)
     max_new_tokens: int = 128  # answer length cap
     text_tokens: int = 40_000  # teacher-forced text budget
     seq_len: int = 384  # longest sequence kept (prompt + answer, or text window)
@@ -70,7 +71,7 @@ class DataSettings:
     def key(self, target: dict) -> str:
         """Only what changes a sequence: the amounts and batch sizes decide how much, not what."""
         same = {k: v for k, v in asdict(self).items()
-                if k not in ("distill_prompts", "text_tokens", "distill_batch", "text_batch", "heldout_every")}
+                if k not in ("distill_prompts", "distill_skip", "text_tokens", "distill_batch", "text_batch", "heldout_every")}
         blob = json.dumps({"target": target, "data": same, "version": 2}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -375,8 +376,10 @@ def make_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
 
     whole = -(-settings.distill_prompts // settings.chunk) * settings.chunk  # a shard never grows later
+    skipped = settings.distill_skip // settings.chunk
     prompts = [render(tokenizer, m) for m in distill_prompts(whole, settings.seed)]
-    todo = [(i, c) for i, c in chunks(prompts, settings.chunk) if not (folder / f"distill-{i:05d}.st").exists()]
+    todo = [(i, c) for i, c in chunks(prompts, settings.chunk)[skipped:]
+            if not (folder / f"distill-{i:05d}.st").exists()]
     bar = tqdm(total=sum(len(c) for _, c in todo), desc="self-distillation", unit="prompt", disable=not progress)
     for i, chunk in todo:
         # Length-sorted batches pad little; prompts too long for an answer are left out.
@@ -400,14 +403,15 @@ def make_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache:
             bar.update(len(batch))
         save_shard(folder / f"text-{i:05d}.st", rows, [0] * len(rows))
     bar.close()
-    return load_data(folder, settings, len(chunks(prompts, settings.chunk)), len(chunks(windows, settings.chunk)))
+    return load_data(folder, settings, range(skipped, len(chunks(prompts, settings.chunk))),
+                     range(len(chunks(windows, settings.chunk))))
 
 
-def load_data(folder: Path, settings: DataSettings, distill_chunks: int, text_chunks: int) -> list[Sequence]:
-    """The first chunks of each kind (a cache made for more data holds more); held-out by position."""
+def load_data(folder: Path, settings: DataSettings, distill_chunks: range, text_chunks: range) -> list[Sequence]:
+    """These chunks of each kind (a cache made for more data holds more); held-out by position among them."""
     sequences = []
-    for kind, count in (("distill", distill_chunks), ("text", text_chunks)):
-        shards = [folder / f"{kind}-{i:05d}.st" for i in range(count)]
+    for kind, indices in (("distill", distill_chunks), ("text", text_chunks)):
+        shards = [folder / f"{kind}-{i:05d}.st" for i in indices]
         rows = [row for shard in shards if shard.exists() for row in load_shard(shard)]
         for n, (ids, features, start) in enumerate(rows):
             sequences.append(Sequence(ids, features, kind, start, heldout=n % settings.heldout_every == 0))

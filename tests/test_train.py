@@ -71,6 +71,22 @@ def test_more_data_extends_the_cache(target, sequences, tmp_path, monkeypatch):
         assert len(after) > len(before) and after[: len(before)] == before
 
 
+def test_skipped_prompts_are_neither_made_nor_loaded(target, sequences, tmp_path, monkeypatch):
+    """--distill-skip leaves whole leading chunks out: only the later chunks are made, and they are the
+    same answers as in the full data (text stays whole)."""
+    made = []
+    answer = data_module.greedy_answers
+    monkeypatch.setattr(data_module, "greedy_answers", lambda model, prompts, *rest: made.append(prompts)
+                        or answer(model, prompts, *rest))
+    skipped = make_data(*target, tmp_path / "cache", replace(SETTINGS, distill_skip=SETTINGS.chunk + 1))
+    full = [s.ids.tolist() for s in sequences if s.kind == "distill"]
+    tail = [s.ids.tolist() for s in skipped if s.kind == "distill"]
+    assert 0 < len(tail) < len(full) and tail == full[len(full) - len(tail):]
+    assert sum(len(p) for p in made) <= SETTINGS.distill_prompts - SETTINGS.chunk
+    assert [s.ids.tolist() for s in skipped if s.kind == "text"] == [s.ids.tolist() for s in sequences
+                                                                      if s.kind == "text"]
+
+
 def test_prompt_stream_keeps_its_prefix_and_leaves_benchmark_code_out():
     prompts = data_module.distill_prompts(300, seed=0)
     assert data_module.distill_prompts(120, seed=0) == prompts[:120]
