@@ -289,11 +289,11 @@ def _target_only(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     token = _pick(logits[None], sampling, rng)
     model.history.append(token)
     yield [token]
-    visible = np.zeros((1, 1, 1, 1), dtype=np.float32)
+    visible, first = np.zeros((1, 1, 1, 1), dtype=np.float32), np.arange(1)
     while True:
         t0 = time.perf_counter()
         logits, _ = target.forward(np.array([token]), np.array([target.kv.length]), visible)
-        target.kv.keep(np.arange(1))
+        target.kv.keep(first)
         token = _pick(logits, sampling, rng)
         stats.verify_s += time.perf_counter() - t0
         stats.target_forwards += 1
