@@ -48,12 +48,15 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
 @click.option("--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True,
               help="Where generated data and checkpoints are kept.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of this output.")
+@click.option("--cached-answers", is_flag=True,
+              help="Make no new self-distilled answers: train on the range's cached chunks (teacher-forced text is "
+                   "still made), e.g. while other processes make the rest.")
 @click.option("--data-only", is_flag=True, help="Make (or extend) the cached data, then stop before training.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads [default: torch's choice].")
 @click.option("--seed", type=int, default=0, show_default=True)
 def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unroll, ce_weight, regression_weight,
           init_from, distill_prompts, distill_skip, max_new_tokens,
-          text_tokens, seq_len, draft_vocab, cache, resume, data_only, threads, seed):
+          text_tokens, seq_len, draft_vocab, cache, resume, cached_answers, data_only, threads, seed):
     """Train a drafter for TARGET (a Hugging Face folder or a .gguf file) on the target's own outputs."""
     # Every batch has a new shape, and oneDNN caches compiled kernels per shape (1,024 by default): on
     # SmolLM2 the process grew past 13 GB in 200 steps at 795 tokens/s; with 64 it stayed under 8.2 GB at 1,320.
@@ -71,7 +74,7 @@ def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unro
     model, tokenizer = load_target(target)
     data = DataSettings(distill_prompts=distill_prompts, distill_skip=distill_skip, max_new_tokens=max_new_tokens,
                         text_tokens=text_tokens, seq_len=seq_len, seed=seed)
-    sequences = make_data(model, tokenizer, cache, data)
+    sequences = make_data(model, tokenizer, cache, data, answer=not cached_answers)
     data_s = time.perf_counter() - started
     click.echo(f"data: {describe(sequences)} ({data_s:.0f} s)", err=True)
     if data_only:

@@ -366,8 +366,12 @@ def load_shard(path: Path) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
 
 
 def make_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: Path,
-              settings: DataSettings = DataSettings(), progress: bool = True) -> list[Sequence]:
-    """Build the chunks of data this target and these settings still lack, then load them all."""
+              settings: DataSettings = DataSettings(), progress: bool = True, answer: bool = True) -> list[Sequence]:
+    """Build the chunks of data this target and these settings still lack, then load them all.
+
+    `answer=False` makes no self-distilled chunk (the costly part): the range's cached ones are used, missing ones
+    left out, so training can start on what other processes or sessions have made so far.
+    """
     torch.manual_seed(settings.seed)
     folder = Path(cache) / settings.key(target_fingerprint(model, tokenizer) | {"weights": weights_digest(model)})
     folder.mkdir(parents=True, exist_ok=True)
@@ -379,7 +383,7 @@ def make_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache:
     skipped = settings.distill_skip // settings.chunk
     prompts = [render(tokenizer, m) for m in distill_prompts(whole, settings.seed)]
     todo = [(i, c) for i, c in chunks(prompts, settings.chunk)[skipped:]
-            if not (folder / f"distill-{i:05d}.st").exists()]
+            if answer and not (folder / f"distill-{i:05d}.st").exists()]
     bar = tqdm(total=sum(len(c) for _, c in todo), desc="self-distillation", unit="prompt", disable=not progress)
     for i, chunk in todo:
         # Length-sorted batches pad little; prompts too long for an answer are left out.

@@ -87,6 +87,22 @@ def test_skipped_prompts_are_neither_made_nor_loaded(target, sequences, tmp_path
                                                                       if s.kind == "text"]
 
 
+def test_cached_answers_only_uses_what_is_made(target, sequences, tmp_path, monkeypatch):
+    """answer=False makes no self-distilled chunk: the cached ones of the range load (a gap is left out) and the
+    teacher-forced text is still made."""
+    cache = tmp_path / "cache"
+    make_data(*target, cache, replace(SETTINGS, distill_prompts=SETTINGS.chunk))  # chunk 0 only
+
+    def fail(*args, **kwargs):
+        raise AssertionError("an answer was generated")
+
+    monkeypatch.setattr(data_module, "greedy_answers", fail)
+    loaded = make_data(*target, cache, SETTINGS, answer=False)
+    first = [s.ids.tolist() for s in sequences if s.kind == "distill"][: len([s for s in loaded if s.kind == "distill"])]
+    assert [s.ids.tolist() for s in loaded if s.kind == "distill"] == first and first
+    assert any(s.kind == "text" for s in loaded)
+
+
 def test_prompt_stream_keeps_its_prefix_and_leaves_benchmark_code_out():
     prompts = data_module.distill_prompts(300, seed=0)
     assert data_module.distill_prompts(120, seed=0) == prompts[:120]
