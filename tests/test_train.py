@@ -98,8 +98,8 @@ def test_cached_answers_only_uses_what_is_made(target, sequences, tmp_path, monk
 
     monkeypatch.setattr(data_module, "greedy_answers", fail)
     loaded = make_data(*target, cache, SETTINGS, answer=False)
-    first = [s.ids.tolist() for s in sequences if s.kind == "distill"][: len([s for s in loaded if s.kind == "distill"])]
-    assert [s.ids.tolist() for s in loaded if s.kind == "distill"] == first and first
+    answers = [s.ids.tolist() for s in loaded if s.kind == "distill"]
+    assert answers and answers == [s.ids.tolist() for s in sequences if s.kind == "distill"][: len(answers)]
     assert any(s.kind == "text" for s in loaded)
 
 
