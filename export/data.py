@@ -70,8 +70,8 @@ class DataSettings:
 
     def key(self, target: dict) -> str:
         """Only what changes a sequence: the amounts and batch sizes decide how much, not what."""
-        same = {k: v for k, v in asdict(self).items()
-                if k not in ("distill_prompts", "distill_skip", "text_tokens", "distill_batch", "text_batch", "heldout_every")}
+        amounts = ("distill_prompts", "distill_skip", "text_tokens", "distill_batch", "text_batch", "heldout_every")
+        same = {k: v for k, v in asdict(self).items() if k not in amounts}
         blob = json.dumps({"target": target, "data": same, "version": 2}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
