@@ -381,7 +381,14 @@ def make_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache:
 
     whole = -(-settings.distill_prompts // settings.chunk) * settings.chunk  # a shard never grows later
     skipped = settings.distill_skip // settings.chunk
+    if settings.distill_skip and skipped * settings.chunk >= whole:
+        raise DovetailError(f"--distill-skip {settings.distill_skip} leaves none of --distill-prompts "
+                            f"{settings.distill_prompts}; raise --distill-prompts past it")
     prompts = [render(tokenizer, m) for m in distill_prompts(whole, settings.seed)]
+    indices = range(skipped, len(chunks(prompts, settings.chunk)))
+    if not answer and whole and not any((folder / f"distill-{i:05d}.st").exists() for i in indices):
+        raise DovetailError(f"no self-distilled answers are cached for prompts {skipped * settings.chunk} to {whole} "
+                            f"in {folder}; drop --cached-answers to make them")
     todo = [(i, c) for i, c in chunks(prompts, settings.chunk)[skipped:]
             if answer and not (folder / f"distill-{i:05d}.st").exists()]
     bar = tqdm(total=sum(len(c) for _, c in todo), desc="self-distillation", unit="prompt", disable=not progress)
@@ -407,8 +414,7 @@ def make_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache:
             bar.update(len(batch))
         save_shard(folder / f"text-{i:05d}.st", rows, [0] * len(rows))
     bar.close()
-    return load_data(folder, settings, range(skipped, len(chunks(prompts, settings.chunk))),
-                     range(len(chunks(windows, settings.chunk))))
+    return load_data(folder, settings, indices, range(len(chunks(windows, settings.chunk))))
 
 
 def load_data(folder: Path, settings: DataSettings, distill_chunks: range, text_chunks: range) -> list[Sequence]:

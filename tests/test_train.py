@@ -103,6 +103,14 @@ def test_cached_answers_only_uses_what_is_made(target, sequences, tmp_path, monk
     assert any(s.kind == "text" for s in loaded)
 
 
+def test_empty_answer_ranges_are_refused(target, tmp_path):
+    """A skip past every prompt, or cached answers where none are cached, would train on text alone: one line."""
+    with pytest.raises(DovetailError, match="--distill-skip .* leaves none"):
+        make_data(*target, tmp_path / "cache", replace(SETTINGS, distill_skip=SETTINGS.distill_prompts))
+    with pytest.raises(DovetailError, match="no self-distilled answers are cached.*drop --cached-answers"):
+        make_data(*target, tmp_path / "cache", SETTINGS, answer=False)
+
+
 def test_prompt_stream_keeps_its_prefix_and_leaves_benchmark_code_out():
     prompts = data_module.distill_prompts(300, seed=0)
     assert data_module.distill_prompts(120, seed=0) == prompts[:120]
