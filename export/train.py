@@ -304,8 +304,10 @@ def train_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
                                 f"not {settings.fusion} with {settings.layers}; match --fusion and --layers to it")
         drafter.load_state_dict(init.trained_state_dict(), strict=False)
     drafter.attach_target(target).train()
-    # Tokens the target emits (answers and text), most frequent first: the draft vocabulary.
-    drafter.token_ranking = rank_tokens([s.ids[s.start:] for s in train], drafter.config.vocab_size)
+    # Tokens the target emits (answers and text), most frequent first: the draft vocabulary. An --init drafter keeps
+    # its own, ranked on all the data it learned from: a fresh slice of the stream is too small to re-rank by.
+    drafter.token_ranking = init.token_ranking.clone() if init is not None else rank_tokens(
+        [s.ids[s.start:] for s in train], drafter.config.vocab_size)
     optimizer = torch.optim.AdamW(trainable(drafter), lr=settings.lr, betas=(0.9, 0.95),
                                   weight_decay=settings.weight_decay)
     step = 0

@@ -84,7 +84,7 @@ class Drafter:
         return self.ids.array[:seq], self.logprobs.array[:seq]
 
     def propose(self, features: np.ndarray, tokens: np.ndarray, total: int | None = None,
-                chain: np.ndarray | None = None) -> Tree:
+                chain: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Tree, int]:
         """Extend the drafter's past with (feature_i, token_{i+1}) pairs, then grow a tree at `tokens[-1]`.
 
         EAGLE-2: expand the `top_k` best nodes by cumulative log-prob at each of `depth` levels,
@@ -93,7 +93,8 @@ class Drafter:
         are expanded: the cut only rises and a child never outscores its parent, so the others'
         descendants could never enter the tree. Each forward then runs only rows that can count, and
         a level with none ends the drafting. `total` (default: the tree settings') of 1 only extends the past.
-        A prompt-lookup `chain` to be grafted later shares the `total` places (see `best_tree`).
+        A prompt-lookup `chain` (tokens, cumulative log-probs) competes for the same places (see `best_tree`).
+        Returns the tree and its first node copied from the chain (its length when none is).
         """
         top_k, depth = self.settings.top_k, self.settings.depth
         total = self.settings.total_tokens if total is None else total
@@ -107,7 +108,7 @@ class Drafter:
             self.kv.length += len(chunk)
         stable = self.kv.length
         if total < 2:
-            return Tree(np.asarray(tokens[-1:], dtype=np.int64), np.array([-1]))
+            return Tree(np.asarray(tokens[-1:], dtype=np.int64), np.array([-1])), 1
 
         # Candidate nodes (root excluded): token, parent (-1 = root), cumulative log-prob, draft KV slot.
         cand_tokens = list(ids[-1, :top_k])
@@ -144,25 +145,35 @@ class Drafter:
             parent_rows = best // top_k
 
         return best_tree(int(tokens[-1]), np.array(cand_tokens), np.array(cand_parent), np.array(cand_score), total,
-                         np.asarray(chain if chain is not None else [], dtype=np.int64))
+                         chain)
 
 
 def best_tree(root: int, tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray, total: int,
-              chain: np.ndarray) -> Tree:
-    """The tree of the best candidates (parent −1 = root) that leaves room for `chain` to be grafted within `total`.
+              chain: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Tree, int]:
+    """The tree of the `total - 1` best candidates (parent −1 = root) and prompt-lookup chain nodes, by score.
 
-    The chain's leading tokens that the candidates already hold as a path from the root are kept whatever their
-    score and cost nothing extra: only the rest of the chain takes places from the drafter's candidates.
+    The chain's leading tokens that the candidates already hold as a path from the root take the better of the
+    two scores; the rest of the chain hangs below as new candidates. Scores fall along every path, so the best
+    nodes always include their parents. Returns the tree and its first node copied from the chain.
     """
-    held, node = [], -1
-    for token in chain:
-        match = np.flatnonzero((parents == node) & (tokens == token))
-        if not len(match):
-            break
-        node = int(match[0])
-        held.append(node)
-    ranked = -scores
-    ranked[held] = -np.inf
-    keep = np.sort(np.argsort(ranked, kind="stable")[: total - 1 - (len(chain) - len(held))])
+    drafted = len(tokens)
+    if chain is not None and len(chain[0]):
+        scores = scores.copy()
+        node, new_tokens, new_parents, new_scores = -1, [], [], []
+        for token, score in zip(*chain):
+            match = np.flatnonzero((parents == node) & (tokens == token)) if node < drafted else []
+            if len(match):
+                node = int(match[0])
+                scores[node] = max(scores[node], score)
+            else:
+                new_tokens.append(token)
+                new_parents.append(node)
+                new_scores.append(score)
+                node = drafted + len(new_tokens) - 1
+        tokens = np.concatenate((tokens, np.asarray(new_tokens, dtype=np.int64)))
+        parents = np.concatenate((parents, np.asarray(new_parents, dtype=np.int64)))
+        scores = np.concatenate((scores, new_scores))
+    keep = np.sort(np.argsort(-scores, kind="stable")[: total - 1])
     node_of = {-1: 0, **{int(c): i + 1 for i, c in enumerate(keep)}}
-    return Tree(np.array([root, *tokens[keep]], dtype=np.int64), np.array([-1] + [node_of[parents[c]] for c in keep]))
+    tree = Tree(np.array([root, *tokens[keep]], dtype=np.int64), np.array([-1] + [node_of[parents[c]] for c in keep]))
+    return tree, 1 + int(np.sum(keep < drafted))

@@ -20,7 +20,7 @@ import numpy as np
 
 from dovetail_onnx.runtime.drafter import Drafter
 from dovetail_onnx.runtime.errors import DovetailError
-from dovetail_onnx.runtime.lookup import lookup
+from dovetail_onnx.runtime.lookup import Copier
 from dovetail_onnx.runtime.manifest import TreeSettings, load_manifest
 from dovetail_onnx.runtime.sampling import SamplingParams
 from dovetail_onnx.runtime.sessions import usable_cores
@@ -239,20 +239,19 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     yield [token]
     # The drafter reads (target feature of token i, token i+1): the prompt shifted by one.
     next_tokens = np.append(prompt[keep + 1 :], token)
-    # Prompt lookup: a chain copied from the text so far shares the tree's budget (the part of it the drafter's own
-    # tree does not hold; all of it in chain mode), no deeper than the tree.
+    # Prompt lookup: a chain copied from the text so far, no deeper than the tree, competes with the drafter's
+    # candidates for the tree's places by its odds of acceptance (in chain mode it is the whole chain).
     chains = model.manifest.target.verify == "chain"
-    room = min(tree_settings.total_tokens - 1 if chains else (tree_settings.total_tokens - 1) // 2, tree_settings.depth)
+    copier = Copier(min(tree_settings.total_tokens - 1, tree_settings.depth)) if params.lookup else None
     while True:
         t0 = time.perf_counter()
-        copied = lookup(np.asarray(model.history), room) if params.lookup else prompt[:0]
-        if chains and len(copied):
+        copied = copier.propose(np.asarray(model.history)) if copier else None
+        if chains and copied is not None and len(copied[0]):
             # The copy is the whole chain: the drafter reads these accepted tokens later, with the next ones.
-            tree, first_copied = Tree(next_tokens[-1:], np.array([-1])).graft(copied)
+            tree, first_copied = Tree(next_tokens[-1:], np.array([-1])).graft(copied[0])
             pending = (features, next_tokens)
         else:
-            tree = drafter.propose(features, next_tokens, tree_settings.total_tokens, copied)
-            tree, first_copied = tree.graft(copied)
+            tree, first_copied = drafter.propose(features, next_tokens, tree_settings.total_tokens, copied)
             pending = None
         t1 = time.perf_counter()
         logits, hidden = target.forward(tree.tokens, target.kv.length + tree.depth, tree.mask())
@@ -263,6 +262,8 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
             path, bonus = accept_sampled(tree, sampling.probs(logits), rng)
         target.kv.keep(np.asarray(path))
         emitted = np.append(tree.tokens[path[1:]], bonus)
+        if copier:
+            copier.update(emitted)
         features, next_tokens = hidden[path].copy(), emitted
         if pending:
             features, next_tokens = np.concatenate((pending[0], features)), np.concatenate((pending[1], emitted))

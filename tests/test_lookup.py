@@ -1,18 +1,40 @@
-"""Prompt lookup and grafting its chain into a draft tree."""
+"""Prompt lookup, and its chain competing with the drafter for the tree's places."""
 from __future__ import annotations
 
 import numpy as np
 
 from dovetail_onnx.runtime.drafter import best_tree
-from dovetail_onnx.runtime.lookup import lookup
+from dovetail_onnx.runtime.lookup import Copier, lookup
 from dovetail_onnx.runtime.tree import Tree
 
 
 def test_lookup_copies_what_followed_the_latest_longest_match():
     history = np.array([7, 1, 2, 3, 9, 1, 2, 3, 4, 5, 6, 2, 3])
-    np.testing.assert_array_equal(lookup(history, 3), [4, 5, 6])  # "2 3" last seen before 4, not before 9
-    np.testing.assert_array_equal(lookup(np.array([5, 1, 2, 8, 9, 2]), 4), [8, 9, 2])  # a 1-token match
-    assert len(lookup(np.array([1, 2, 3]), 4)) == 0 and len(lookup(np.array([4]), 4)) == 0
+    chain, match = lookup(history, 3)
+    np.testing.assert_array_equal(chain, [4, 5, 6])  # "2 3" last seen before 4, not before 9
+    assert match == 2
+    chain, match = lookup(np.array([5, 1, 2, 8, 9, 2]), 4)
+    np.testing.assert_array_equal(chain, [8, 9, 2])
+    assert match == 1
+    assert len(lookup(np.array([1, 2, 3]), 4)[0]) == 0 and len(lookup(np.array([4]), 4)[0]) == 0
+
+
+def test_copy_odds_favour_longer_matches_fall_along_the_chain_and_follow_the_outcome():
+    copier = Copier(3)
+    long_chain, long_odds = copier.propose(np.array([7, 1, 2, 3, 9, 1, 2, 3, 4, 5, 6, 1, 2, 3]))
+    _, short_odds = copier.propose(np.array([5, 1, 2, 8, 9, 2]))
+    assert len(long_odds) == len(short_odds) == 3 and (np.diff(long_odds) < 0).all() and (long_odds < 0).all()
+    assert (long_odds > short_odds).all()
+    history = np.array([5, 1, 2, 8, 9, 2])
+    for _ in range(10):  # 1-token matches keep being right here
+        chain, _ = copier.propose(history)
+        copier.update(chain)
+    _, before = copier.propose(history)
+    assert (before > short_odds).all()
+    copier.update(np.array([0, 0, 0]))  # a miss on the first copied token lowers only that token's odds
+    _, after = copier.propose(history)
+    assert after[0] < before[0] and np.isclose(after[1] - after[0], before[1] - before[0])
+    assert len(Copier(0).propose(history)[1]) == 0
 
 
 def test_graft_follows_shared_paths_and_appends_the_rest():
@@ -26,16 +48,40 @@ def test_graft_follows_shared_paths_and_appends_the_rest():
     np.testing.assert_array_equal(grafted.parents, [-1, 0, 0, 1, 0])
 
 
-def test_a_chain_the_drafter_already_holds_costs_no_places():
+def test_the_chain_competes_for_places_by_score():
     """Candidates: 1 (−0.1), 2 (−0.5) under the root, 3 (−0.2) under 1, 4 (−2.0) under 3, 6 (−0.9) under 2."""
     tokens, parents = np.array([1, 2, 3, 4, 6]), np.array([-1, -1, 0, 2, 1])
     scores = np.array([-0.1, -0.5, -0.2, -2.0, -0.9])
-    tree = best_tree(5, tokens, parents, scores, 6, np.array([1, 3, 4]))  # all held: the 5 best, 4 kept by force
-    np.testing.assert_array_equal(tree.tokens, [5, 1, 2, 3, 4, 6])
-    tree = best_tree(5, tokens, parents, scores, 5, np.array([1, 3, 4]))
-    np.testing.assert_array_equal(tree.tokens, [5, 1, 2, 3, 4])  # 4 outranks the better 6: it is the chain's
-    tree = best_tree(5, tokens, parents, scores, 5, np.array([1, 7, 8]))  # 7, 8 are new: two places kept free
-    np.testing.assert_array_equal(tree.tokens, [5, 1, 3])
-    grafted, first = tree.graft(np.array([1, 7, 8]))
-    assert len(grafted) == 5 and first == 3
-    np.testing.assert_array_equal(grafted.parents, [-1, 0, 1, 1, 3])
+    tree, first = best_tree(5, tokens, parents, scores, 5)
+    np.testing.assert_array_equal(tree.tokens, [5, 1, 2, 3, 6])
+    assert first == 5  # nothing copied
+    # The chain 1 3 4 is held by the candidates: 4 takes the chain's better score and outranks 6.
+    tree, first = best_tree(5, tokens, parents, scores, 5, (np.array([1, 3, 4]), np.array([-0.05, -0.3, -0.4])))
+    np.testing.assert_array_equal(tree.tokens, [5, 1, 2, 3, 4])
+    assert first == 5
+    # 1 is held, 7 8 are new below it: 7 (−0.3) outranks 2 and 6, 8 (−1.5) misses the cut: only 7 is copied.
+    tree, first = best_tree(5, tokens, parents, scores, 5, (np.array([1, 7, 8]), np.array([-0.1, -0.3, -1.5])))
+    np.testing.assert_array_equal(tree.tokens, [5, 1, 2, 3, 7])
+    np.testing.assert_array_equal(tree.parents, [-1, 0, 0, 1, 1])
+    assert first == 4
+    # A chain whose odds are poor takes no place at all.
+    tree, first = best_tree(5, tokens, parents, scores, 5, (np.array([9, 8]), np.array([-3.0, -4.0])))
+    np.testing.assert_array_equal(tree.tokens, [5, 1, 2, 3, 6])
+    assert first == 5
+
+
+def test_best_nodes_always_include_their_parents():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 30))
+        parents = np.array([int(rng.integers(-1, i)) for i in range(n)])
+        steps = np.log(rng.uniform(0.05, 1.0, n))
+        scores = np.zeros(n)
+        for i in range(n):
+            scores[i] = steps[i] + (scores[parents[i]] if parents[i] >= 0 else 0.0)
+        tokens = rng.integers(0, 5, n)
+        chain = rng.integers(0, 5, int(rng.integers(0, 6)))
+        copied = (chain, np.log(rng.uniform(0.05, 1.0, len(chain))).cumsum())
+        total = int(rng.integers(2, 20))
+        tree, first = best_tree(9, tokens, parents, scores, total, copied)  # Tree checks parents precede children
+        assert len(tree) <= total and 1 <= first <= len(tree)

@@ -30,7 +30,8 @@ class OracleDrafter:
     def wrong(self, token: int) -> int:
         return int((token + 1 + self.rng.integers(self.vocab - 1)) % self.vocab)
 
-    def propose(self, features: np.ndarray, tokens: np.ndarray, total: int | None = None, chain=None) -> Tree:
+    def propose(self, features: np.ndarray, tokens: np.ndarray, total: int | None = None,
+                chain=None) -> tuple[Tree, int]:
         assert np.array_equal(tokens, self.sequence[self.seen : self.seen + len(tokens)])
         self.seen += len(tokens)
         truth = self.sequence[self.seen : self.seen + int(self.rng.integers(2, 7))]
@@ -48,7 +49,7 @@ class OracleDrafter:
                 add(self.wrong(token), decoy)
             parent = add(token, parent)
         add(self.wrong(0), parent)  # the path always ends in a wrong guess
-        return Tree(np.array(nodes, dtype=np.int64), np.array(parents))
+        return Tree(np.array(nodes, dtype=np.int64), np.array(parents)), len(nodes)
 
 
 def test_oracle_accepts_many_tokens_and_stays_exact(models, references):

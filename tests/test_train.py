@@ -162,6 +162,10 @@ def test_init_starts_from_a_drafters_weights(target, sequences, tmp_path):
                             init=load_drafter(tmp_path / "drafter", *target))
     _, again = train_drafter(*target, sequences, quick(steps=20), progress=False)
     assert warm.loss == pytest.approx(again.loss, rel=1e-4) and warm.loss < fresh.loss
+    init = load_drafter(tmp_path / "drafter", *target)
+    init.token_ranking = init.token_ranking.flip(0)  # ranked on other data than this run's
+    kept, _ = train_drafter(*target, sequences, quick(steps=1), progress=False, init=init)
+    assert torch.equal(kept.token_ranking, init.token_ranking)  # its draft vocabulary stays
     with pytest.raises(DovetailError, match="match --fusion and --layers"):
         train_drafter(*target, sequences, quick(steps=0, layers=2), progress=False, init=load_drafter(tmp_path / "drafter", *target))
 
