@@ -385,11 +385,12 @@ def make_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache:
         raise DovetailError(f"--distill-skip {settings.distill_skip} leaves none of --distill-prompts "
                             f"{settings.distill_prompts}; raise --distill-prompts past it")
     prompts = [render(tokenizer, m) for m in distill_prompts(whole, settings.seed)]
-    indices = range(skipped, len(chunks(prompts, settings.chunk)))
+    prompt_chunks = chunks(prompts, settings.chunk)[skipped:]
+    indices = range(skipped, skipped + len(prompt_chunks))
     if not answer and whole and not any((folder / f"distill-{i:05d}.st").exists() for i in indices):
         raise DovetailError(f"no self-distilled answers are cached for prompts {skipped * settings.chunk} to {whole} "
                             f"in {folder}; drop --cached-answers to make them")
-    todo = [(i, c) for i, c in chunks(prompts, settings.chunk)[skipped:]
+    todo = [(i, c) for i, c in prompt_chunks
             if answer and not (folder / f"distill-{i:05d}.st").exists()]
     bar = tqdm(total=sum(len(c) for _, c in todo), desc="self-distillation", unit="prompt", disable=not progress)
     for i, chunk in todo:
