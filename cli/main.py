@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 
 from dovetail_onnx.cli.command import Command, Group
-from dovetail_onnx.cli.options import DEPTH, SEED, TOP_K, TREE_TOKENS, FiniteFloat, Threads, read_text
+from dovetail_onnx.cli.options import DEPTH, MIN_PROB, SEED, TOP_K, TREE_TOKENS, FiniteFloat, Threads, read_text
 from dovetail_onnx.cli.serve import chat, serve
 from dovetail_onnx.cli.train import train
 from dovetail_onnx.runtime.errors import DovetailError
-from dovetail_onnx.runtime.manifest import PRECISIONS
+from dovetail_onnx.runtime.manifest import EXPORT_TREE, PRECISIONS, TreeSettings
 from dovetail_onnx.runtime.sessions import DEVICES
 
 
@@ -31,9 +31,13 @@ def main() -> None:
                    "[default: the shipped drafter trained for TARGET].")
 @click.option("--drafter-layers", type=click.IntRange(1, 6), default=1, show_default=True,
               help="Layers of a random drafter.")
-@click.option("--top-k", type=TOP_K, default=10, show_default=True, help="Default tree top-k stored in the artifact.")
-@click.option("--depth", type=DEPTH, default=7, show_default=True, help="Default tree depth.")
-@click.option("--tree-tokens", type=TREE_TOKENS, default=16, show_default=True, help="Default tree size (root included).")
+@click.option("--top-k", type=TOP_K, default=EXPORT_TREE.top_k, show_default=True,
+              help="Default tree top-k stored in the artifact.")
+@click.option("--depth", type=DEPTH, default=EXPORT_TREE.depth, show_default=True, help="Default tree depth.")
+@click.option("--tree-tokens", type=TREE_TOKENS, default=EXPORT_TREE.total_tokens, show_default=True,
+              help="Default tree size (root included).")
+@click.option("--min-prob", type=MIN_PROB, default=EXPORT_TREE.min_prob, show_default=True,
+              help="Default least probability of a node's path for the drafter to expand it.")
 @click.option("--draft-vocab", type=click.IntRange(min=0), default=None,
               help="Tokens the drafter head scores, most frequent first; 0 = all [default: the drafter's setting].")
 @click.option("--cpu-drafter/--no-cpu-drafter", default=True, show_default=True,
@@ -44,15 +48,14 @@ def main() -> None:
 @click.option("--tune", is_flag=True,
               help="Then time a few trees on this machine and store the fastest as the default (about a minute).")
 @click.option("--threads", type=Threads(), help="Threads for --tune, at most the cores.")
-def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, draft_vocab, cpu_drafter, precision,
-           tune, threads):
+def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, min_prob, draft_vocab, cpu_drafter,
+           precision, tune, threads):
     """Export TARGET (a Hugging Face folder or a .gguf file) and a drafter to ONNX."""
     from dovetail_onnx.export.artifact import export_artifact  # torch lives only on this path
-    from dovetail_onnx.runtime.manifest import TreeSettings
 
     output = output or Path("artifacts") / Path(target).stem
-    export_artifact(target, output, drafter, drafter_layers, TreeSettings(top_k, depth, tree_tokens), draft_vocab,
-                    cpu_drafter, precision)
+    tree = TreeSettings(top_k, depth, tree_tokens, min_prob)
+    export_artifact(target, output, drafter, drafter_layers, tree, draft_vocab, cpu_drafter, precision)
     if tune:
         from rich.console import Console
         from rich.progress import Progress
@@ -81,6 +84,8 @@ def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, d
 @click.option("--top-k", type=TOP_K, help="Tree top-k [default: the artifact's].")
 @click.option("--depth", type=DEPTH, help="Tree depth [default: the artifact's].")
 @click.option("--tree-tokens", type=TREE_TOKENS, help="Tree size, root included [default: the artifact's].")
+@click.option("--min-prob", type=MIN_PROB,
+              help="Least probability of a node's path for the drafter to expand it [default: the artifact's].")
 @click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True,
               help="Nucleus sampling mass.")
@@ -94,7 +99,7 @@ def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, d
 @click.option("--threads", type=Threads(), help="Intra-op threads per session, at most the cores [default: ONNX Runtime's choice].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(artifact, prompt, prompt_file, max_new_tokens, raw, special_tokens, mode, top_k, depth, tree_tokens,
-             temperature, top_p, sample_top_k, seed, ignore_eos, lookup, draft_device, threads, as_json):
+             min_prob, temperature, top_p, sample_top_k, seed, ignore_eos, lookup, draft_device, threads, as_json):
     """Generate from a prompt (--prompt, --prompt-file or stdin) with an exported ARTIFACT."""
     from dataclasses import replace
 
@@ -112,7 +117,8 @@ def generate(artifact, prompt, prompt_file, max_new_tokens, raw, special_tokens,
     sampling = SamplingParams(temperature, top_p, sample_top_k, seed)
     model = Model(artifact, draft_device=draft_device, threads=threads)
     tree = model.manifest.tree
-    tree = replace(tree, **{k: v for k, v in (("top_k", top_k), ("depth", depth), ("total_tokens", tree_tokens)) if v is not None})
+    overrides = (("top_k", top_k), ("depth", depth), ("total_tokens", tree_tokens), ("min_prob", min_prob))
+    tree = replace(tree, **{k: v for k, v in overrides if v is not None})
     params = GeneratorParams(max_new_tokens, mode, tree, stop_at_eos=not ignore_eos, sampling=sampling, lookup=lookup)
     generator = Generator(model, params, model.encode_prompt(prompt, raw, special_tokens))
     stream = StreamDecoder(model.tokenizer)
@@ -132,8 +138,8 @@ def generate(artifact, prompt, prompt_file, max_new_tokens, raw, special_tokens,
                    f"{stats['tokens_per_s']} tok/s, draft on {stats['draft_provider']}]", err=True)
 
 
-def int_list(kind: click.IntRange):
-    """Callback for a comma list of integers, each checked against `kind`'s range."""
+def number_list(kind: click.ParamType):
+    """Callback for a comma list of numbers, each checked against `kind`'s range."""
 
     def convert(ctx, param, value: str | None) -> list[int] | None:
         return None if value is None else [kind.convert(v.strip(), param, ctx) for v in value.split(",")]
@@ -147,9 +153,10 @@ def int_list(kind: click.IntRange):
               help="Spec-Bench JSONL (turns[0] is the user message; the chat template is applied).")
 @click.option("--n", type=click.IntRange(min=1), help="Use the first N prompts.")
 @click.option("--max-new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
-@click.option("--top-k", callback=int_list(TOP_K), help="Tree top-k, or a comma list to sweep [default: the artifact's].")
-@click.option("--depth", callback=int_list(DEPTH), help="Tree depth, or a comma list to sweep.")
-@click.option("--tree-tokens", callback=int_list(TREE_TOKENS), help="Tree size, or a comma list to sweep.")
+@click.option("--top-k", callback=number_list(TOP_K), help="Tree top-k, or a comma list to sweep [default: the artifact's].")
+@click.option("--depth", callback=number_list(DEPTH), help="Tree depth, or a comma list to sweep.")
+@click.option("--tree-tokens", callback=number_list(TREE_TOKENS), help="Tree size, or a comma list to sweep.")
+@click.option("--min-prob", callback=number_list(MIN_PROB), help="Least path probability to expand, or a comma list.")
 @click.option("--baseline-genai", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="An onnxruntime-genai model folder to run on the same prompts, threads and budget, side by side.")
 @click.option("--draft-device", type=click.Choice(DEVICES), default="auto", show_default=True)
@@ -161,7 +168,7 @@ def int_list(kind: click.IntRange):
 @click.option("--tune", is_flag=True,
               help="Store the fastest tree setting of this run as the artifact's default (in dovetail.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, baseline_genai, draft_device, threads,
+def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, min_prob, baseline_genai, draft_device, threads,
           lookup, with_profile, tune, as_json):
     """Speculative vs target-only decoding speed on a prompt set, with exactness checked (and onnxruntime-genai's)."""
     import itertools
@@ -170,15 +177,15 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, b
     from rich.progress import Progress
     from rich.table import Table
 
-    from dovetail_onnx.runtime import Model, TreeSettings
+    from dovetail_onnx.runtime import Model
     from dovetail_onnx.runtime.bench import Genai, by_category, load_prompts, profile, run_bench, store_tree
 
     prompts, categories = load_prompts(prompt_file, n)
     model = Model(artifact, draft_device=draft_device, threads=threads)
     genai = Genai(baseline_genai, threads) if baseline_genai else None
     d = model.manifest.tree
-    trees = [TreeSettings(k, dp, t) for k, dp, t in
-             itertools.product(top_k or [d.top_k], depth or [d.depth], tree_tokens or [d.total_tokens])]
+    trees = [TreeSettings(*setting) for setting in itertools.product(
+        top_k or [d.top_k], depth or [d.depth], tree_tokens or [d.total_tokens], min_prob or [d.min_prob])]
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(f"{len(prompts)} prompts × {len(trees) + 1 + bool(genai)} runs", total=len(prompts))
         run = run_bench(model, prompts, max_new_tokens, trees, genai, lambda: bar.advance(task), lookup)
@@ -200,21 +207,22 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, b
         mean = round(sum(map(len, encoded)) / len(encoded))
         info["profile"] = profile(model, encoded[0], sorted({mean, min(2000, model.manifest.context_length - 64)}))
     if tune:
-        info["tuned"] = store_tree(model.manifest, TreeSettings(best["top_k"], best["depth"], best["tree_tokens"]))
+        best_tree = TreeSettings(best["top_k"], best["depth"], best["tree_tokens"], best["min_prob"])
+        info["tuned"] = store_tree(model.manifest, best_tree)
     if as_json:
         click.echo(json.dumps({**info, **best, "runs": summaries, "per_prompt": [r.per_prompt for r in run.results]}))
         return
     table = Table(title=f"{prompt_file.name}: {len(prompts)} prompts × {max_new_tokens} tokens, "
                         f"{info['precision']} target, draft on {info['draft_provider']}")
-    for column in ("top_k", "depth", "tree", "τ", "copied", "tok/s", "baseline tok/s", "speedup", "identical",
-                   "draft ms", "verify ms", "host ms"):
+    for column in ("top_k", "depth", "tree", "min p", "τ", "copied", "tok/s", "baseline tok/s", "speedup",
+                   "identical", "draft ms", "drafts", "verify ms", "host ms"):
         table.add_column(column, justify="right")
     for s in summaries:
         step = s["ms_per_step"]
-        table.add_row(*map(str, (s["top_k"], s["depth"], s["tree_tokens"], s["mean_accepted"], s["copied_per_step"],
-                                 s["tokens_per_s"],
-                                 s["baseline_tokens_per_s"], s["speedup"], f"{s['identical_count']}/{len(prompts)}",
-                                 step["draft"], step["verify"], step["host"])))
+        table.add_row(*map(str, (s["top_k"], s["depth"], s["tree_tokens"], s["min_prob"], s["mean_accepted"],
+                                 s["copied_per_step"], s["tokens_per_s"], s["baseline_tokens_per_s"], s["speedup"],
+                                 f"{s['identical_count']}/{len(prompts)}", step["draft"], s["draft_forwards_per_step"],
+                                 step["verify"], step["host"])))
     console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(table)
     if "by_category" in info:

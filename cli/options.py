@@ -40,6 +40,7 @@ TOP_K = click.IntRange(1, MAX_TREE_TOKENS)
 DEPTH = click.IntRange(1, MAX_TREE_TOKENS - 1)
 TREE_TOKENS = click.IntRange(2, MAX_TREE_TOKENS)
 SEED = click.IntRange(0, 2**64 - 1)
+MIN_PROB = FiniteFloat(0, 1, max_open=True)
 
 
 def read_text(path: Path | None) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -13,7 +14,7 @@ from dovetail_onnx.export.drafter_export import export_drafter, quantize_int8
 from dovetail_onnx.export.load import load_target
 from dovetail_onnx.export.target import export_target
 from dovetail_onnx.runtime.errors import DovetailError
-from dovetail_onnx.runtime.manifest import FORMAT_VERSION, MANIFEST, GraphSpec, TreeSettings, sha256_of
+from dovetail_onnx.runtime.manifest import EXPORT_TREE, FORMAT_VERSION, MANIFEST, GraphSpec, TreeSettings, sha256_of
 
 MAX_TOP_K = 16
 SHIPPED = Path(__file__).parent / "drafters"
@@ -47,14 +48,14 @@ def build_manifest(model, tokenizer, target: GraphSpec, drafter: Drafter, tree: 
         "special_tokens": {k: str(v) for k, v in (("bos_token", tokenizer.bos_token), ("eos_token", tokenizer.eos_token)) if v},
         "chat_template": tokenizer.chat_template,
         "context_length": c.max_position_embeddings,
-        "tree": {"top_k": tree.top_k, "depth": tree.depth, "total_tokens": tree.total_tokens},
+        "tree": asdict(tree),
         "drafter_target": d.target,
         "sha256": {name: sha256_of(folder / name) for name in files},
     }
 
 
 def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_layers: int = 1,
-                    tree: TreeSettings = TreeSettings(), draft_vocab: int | None = None,
+                    tree: TreeSettings = EXPORT_TREE, draft_vocab: int | None = None,
                     cpu_drafter: bool = True, precision: str = "fp32", console: Console | None = None) -> dict:
     """Write target.onnx, drafter.onnx (+ drafter.int8.onnx), tokenizer files and dovetail.json into `out`.
 
@@ -75,7 +76,7 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
         status.update(f"building target.onnx ({precision}) and checking it")
         target_graph = export_target(model, tokenizer, out / "target.onnx", precision)
         if target_graph.verify == "chain":
-            tree = TreeSettings(1, tree.depth, min(tree.total_tokens, tree.depth + 1))
+            tree = replace(tree, top_k=1, total_tokens=min(tree.total_tokens, tree.depth + 1))
         status.update("exporting drafter.onnx")
         draft_vocab = draft.config.draft_vocab_size if draft_vocab is None else draft_vocab
         export_drafter(draft, out / "drafter.onnx", MAX_TOP_K, draft_vocab)

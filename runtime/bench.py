@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ class Totals:
     draft_s: float = 0.0
     verify_s: float = 0.0
     copied: int = 0  # accepted tokens that came from prompt lookup
+    draft_forwards: int = 0
 
     def add(self, stats: Stats) -> None:
         self.tokens += stats.new_tokens - 1
@@ -59,6 +60,7 @@ class Totals:
         self.draft_s += stats.draft_s
         self.verify_s += stats.verify_s
         self.copied += stats.accepted_copied
+        self.draft_forwards += stats.draft_forwards
 
     @property
     def tokens_per_s(self) -> float:
@@ -78,8 +80,10 @@ class Result:
         steps = max(spec.forwards, 1)
         return {
             "top_k": self.tree.top_k, "depth": self.tree.depth, "tree_tokens": self.tree.total_tokens,
+            "min_prob": self.tree.min_prob,
             "mean_accepted": round(spec.tokens / steps, 3),
             "copied_per_step": round(spec.copied / steps, 3),
+            "draft_forwards_per_step": round(spec.draft_forwards / steps, 2),
             "tokens_per_s": round(spec.tokens_per_s, 2),
             "baseline_tokens_per_s": round(baseline.tokens_per_s, 2),
             "speedup": round(spec.tokens_per_s / baseline.tokens_per_s, 3) if baseline.tokens_per_s else 0.0,
@@ -227,7 +231,7 @@ def store_tree(manifest: Manifest, tree: TreeSettings) -> dict:
     """Write `tree` as the artifact's default: the tree that pays depends on the machine's verify cost curve."""
     path = manifest.folder / MANIFEST
     raw = json.loads(path.read_text())
-    raw["tree"] = {"top_k": tree.top_k, "depth": tree.depth, "total_tokens": tree.total_tokens}
+    raw["tree"] = asdict(tree)
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(raw, indent=2) + "\n")
     partial.replace(path)
@@ -249,8 +253,8 @@ def tuning_trees(manifest: Manifest) -> list[TreeSettings]:
     """Candidate trees around what pays on CPUs: sizes for tree-verifying targets, chain depths for the others."""
     d = manifest.tree
     if manifest.target.verify == "chain":
-        return [TreeSettings(1, depth, depth + 1) for depth in (1, 2, 3, 4)]
-    return [TreeSettings(d.top_k, d.depth, tokens) for tokens in (4, 6, 8, 12, 16)]
+        return [TreeSettings(1, depth, depth + 1, d.min_prob) for depth in (1, 2, 3, 4)]
+    return [TreeSettings(d.top_k, d.depth, tokens, d.min_prob) for tokens in (4, 6, 8, 12, 16)]
 
 
 def tune_tree(model: Model, max_new_tokens: int = 64, progress=lambda: None) -> TreeSettings:

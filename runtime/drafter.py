@@ -91,8 +91,9 @@ class Drafter:
         then keep the `total - 1` best candidates overall (a parent always outranks its child).
         Only frontier nodes that outscore the current cut (the `total - 1`-th best candidate so far)
         are expanded: the cut only rises and a child never outscores its parent, so the others'
-        descendants could never enter the tree. Each forward then runs only rows that can count, and
-        a level with none ends the drafting. `total` (default: the tree settings') of 1 only extends the past.
+        descendants could never enter the tree. Nodes below the settings' `min_prob` are not expanded
+        either: their children cannot add enough to pay for a forward. Each forward then runs only rows
+        that can count, and a level with none ends the drafting (the tree is filled from what was drafted). `total` (default: the tree settings') of 1 only extends the past.
         A prompt-lookup `chain` (tokens, cumulative log-probs) competes for the same places (see `best_tree`).
         Returns the tree and its first node copied from the chain (its length when none is).
         """
@@ -117,13 +118,15 @@ class Drafter:
         frontier = np.arange(top_k)
         parent_rows = np.full(top_k, len(chunk) - 1)
         slots = np.full(top_k, -1)
+        min_logp = np.log(self.settings.min_prob) if self.settings.min_prob > 0 else -np.inf
         for level in range(1, depth):
+            scores = np.array(cand_score)
+            promising = scores[frontier] >= min_logp
             if len(cand_score) >= total - 1:
-                scores = np.array(cand_score)
-                promising = scores[frontier] > -np.partition(-scores, total - 2)[total - 2]
-                frontier, parent_rows = frontier[promising], parent_rows[promising]
-                if not len(frontier):
-                    break
+                promising &= scores[frontier] > -np.partition(-scores, total - 2)[total - 2]
+            frontier, parent_rows = frontier[promising], parent_rows[promising]
+            if not len(frontier):
+                break
             out, rows = 1 - out, len(frontier)
             past = stable + (level - 1) * top_k
             slots[frontier] = past - stable + np.arange(rows)

@@ -93,6 +93,7 @@ class Stats:
     target_forwards: int = 0  # decode forwards; the prefill is counted apart
     cached_tokens: int = 0  # prompt tokens whose K/V were kept from the last generation, not prefilled
     accepted_copied: int = 0  # accepted draft tokens that came from prompt lookup, not from the drafter
+    draft_forwards: int = 0  # drafter forwards of the decode steps
     prefill_s: float = 0.0
     decode_s: float = 0.0
     draft_s: float = 0.0
@@ -115,6 +116,7 @@ class Stats:
             "cached_tokens": self.cached_tokens,
             "accepted_drafted": sum(self.accepted) - len(self.accepted) - self.accepted_copied,
             "accepted_copied": self.accepted_copied,
+            "draft_forwards": self.draft_forwards,
             "mean_accepted": round(self.mean_accepted, 3),
             "tokens_per_s": round(self.tokens_per_s, 2),
             "prefill_s": round(self.prefill_s, 4),
@@ -244,7 +246,7 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     chains = model.manifest.target.verify == "chain"
     copier = Copier(min(tree_settings.total_tokens - 1, tree_settings.depth)) if params.lookup else None
     while True:
-        t0 = time.perf_counter()
+        t0, drafted = time.perf_counter(), drafter.forwards
         copied = copier.propose(np.asarray(model.history)) if copier else None
         if chains and copied is not None and len(copied[0]):
             # The copy is the whole chain: the drafter reads these accepted tokens later, with the next ones.
@@ -268,6 +270,7 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
         if pending:
             features, next_tokens = np.concatenate((pending[0], features)), np.concatenate((pending[1], emitted))
         stats.draft_s += t1 - t0
+        stats.draft_forwards += drafter.forwards - drafted
         stats.verify_s += t2 - t1
         stats.target_forwards += 1
         stats.accepted.append(len(path))

@@ -30,6 +30,10 @@ class TreeSettings:
     top_k: int = 10
     depth: int = 7
     total_tokens: int = 16
+    # A node is expanded only if the drafter gives its whole path at least this probability: a drafter forward
+    # that can add fewer expected tokens than its share of the step costs more than it earns. 0 expands every
+    # node that can enter the tree (EAGLE-2's rule, for a drafter that is cheap next to the target).
+    min_prob: float = 0.0
 
     def problem(self, max_top_k: int) -> str | None:
         """What is out of range, phrased with the CLI's option names; None when the tree is valid."""
@@ -38,6 +42,8 @@ class TreeSettings:
                                        ("--tree-tokens", self.total_tokens, 2, MAX_TREE_TOKENS)):
             if type(value) is not int or not low <= value <= high:
                 return f"{name} must be an integer from {low} to {high}, got {value!r}"
+        if type(self.min_prob) not in (int, float) or not 0 <= self.min_prob < 1:
+            return f"--min-prob must be a number from 0 to below 1, got {self.min_prob!r}"
         return None
 
     def chain_problem(self, verify: str) -> str | None:
@@ -46,6 +52,11 @@ class TreeSettings:
             return (f"--top-k must be 1 for this target, got {self.top_k}: its quantized kernels round a tree row "
                     "that skips other branches' keys differently from sequential decoding, so it verifies chains")
         return None
+
+
+# What `export` stores unless told otherwise: Dovetail's tree, and the least path probability that paid
+# on a 2-core CPU drafting with the int8 drafter (README, "Drafting cost": 0.3-0.5 were best).
+EXPORT_TREE = TreeSettings(min_prob=0.4)
 
 
 def _file_name(name: str) -> str:

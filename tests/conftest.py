@@ -11,7 +11,7 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM
 
 from dovetail_onnx.export.artifact import export_artifact
-from dovetail_onnx.runtime import Model
+from dovetail_onnx.runtime import Model, TreeSettings
 from tiny import make_tokenizer, save_model
 
 KINDS = ("llama", "qwen2")
@@ -25,9 +25,11 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def artifacts(hf_dirs, tmp_path_factory) -> dict[str, Path]:
+    """Trees expand every node that can enter them (min_prob 0): a random drafter's paths are all unlikely, and
+    the tests are after deep trees."""
     root = tmp_path_factory.mktemp("artifacts")
     quiet = Console(stderr=True, quiet=True)
-    return {kind: export_artifact(folder, root / kind, "random", 2, console=quiet) and root / kind
+    return {kind: export_artifact(folder, root / kind, "random", 2, TreeSettings(), console=quiet) and root / kind
             for kind, folder in hf_dirs.items()}
 
 

@@ -21,11 +21,22 @@ def test_speculative_equals_transformers(kind, chat, models, references):
             assert stats.new_tokens == 48
 
 
-@pytest.mark.parametrize("tree", [TreeSettings(1, 1, 2), TreeSettings(4, 3, 8), TreeSettings(16, 6, 40)])
+@pytest.mark.parametrize("tree", [TreeSettings(1, 1, 2), TreeSettings(4, 3, 8), TreeSettings(16, 6, 40),
+                                  TreeSettings(4, 3, 8, min_prob=0.01)])
 def test_any_tree_shape_is_lossless(tree, models, references):
     prompt = models["llama"].encode_prompt("tree shapes", raw=True)
     tokens, _ = generate(models["llama"], prompt, GeneratorParams(max_new_tokens=40, tree=tree, stop_at_eos=False))
     assert tokens == references("llama", prompt, 40)
+
+
+def test_min_prob_leaves_unlikely_nodes_unexpanded(models, references):
+    """No path of a random drafter is likely: with a high `min_prob` each step drafts in its one extending forward."""
+    prompt = models["llama"].encode_prompt("few forwards", raw=True)
+    for min_prob, one_forward_a_step in ((0.0, False), (0.9, True)):
+        params = GeneratorParams(max_new_tokens=30, tree=TreeSettings(4, 3, 8, min_prob), stop_at_eos=False)
+        tokens, stats = generate(models["llama"], prompt, params)
+        assert tokens == references("llama", prompt, 30)
+        assert (stats.draft_forwards == stats.target_forwards) == one_forward_a_step
 
 
 @pytest.mark.parametrize("mode", ["speculative", "target-only"])

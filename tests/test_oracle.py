@@ -17,6 +17,7 @@ class OracleDrafter:
     """Same interface as runtime.drafter.Drafter: start(capacity, settings, keep), propose(features, tokens)."""
 
     cached = 0  # keeps no rows between generations
+    forwards = 0  # runs no graph
 
     def __init__(self, prompt: list[int], continuation: list[int], vocab: int, seed: int = 0, chain: bool = False):
         self.sequence, self.chain = prompt + continuation, chain
