@@ -141,7 +141,7 @@ def generate(artifact, prompt, prompt_file, max_new_tokens, raw, special_tokens,
 def number_list(kind: click.ParamType):
     """Callback for a comma list of numbers, each checked against `kind`'s range."""
 
-    def convert(ctx, param, value: str | None) -> list[int] | None:
+    def convert(ctx, param, value: str | None) -> list | None:
         return None if value is None else [kind.convert(v.strip(), param, ctx) for v in value.split(",")]
 
     return convert
@@ -168,8 +168,8 @@ def number_list(kind: click.ParamType):
 @click.option("--tune", is_flag=True,
               help="Store the fastest tree setting of this run as the artifact's default (in dovetail.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, min_prob, baseline_genai, draft_device, threads,
-          lookup, with_profile, tune, as_json):
+def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, min_prob, baseline_genai, draft_device,
+          threads, lookup, with_profile, tune, as_json):
     """Speculative vs target-only decoding speed on a prompt set, with exactness checked (and onnxruntime-genai's)."""
     import itertools
 

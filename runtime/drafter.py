@@ -93,7 +93,8 @@ class Drafter:
         are expanded: the cut only rises and a child never outscores its parent, so the others'
         descendants could never enter the tree. Nodes below the settings' `min_prob` are not expanded
         either: their children cannot add enough to pay for a forward. Each forward then runs only rows
-        that can count, and a level with none ends the drafting (the tree is filled from what was drafted). `total` (default: the tree settings') of 1 only extends the past.
+        that can count, and a level with none ends the drafting (the tree is filled from what was
+        drafted). `total` (default: the tree settings') of 1 only extends the past.
         A prompt-lookup `chain` (tokens, cumulative log-probs) competes for the same places (see `best_tree`).
         Returns the tree and its first node copied from the chain (its length when none is).
         """

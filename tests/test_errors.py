@@ -138,9 +138,9 @@ def test_sample_top_k_above_vocabulary(artifacts):
           "at most the vocabulary size 320")
 
 
-def test_bench_sweep_values_are_range_checked(artifacts, tmp_path):
-    fails(["bench", str(artifacts["llama"]), "--prompts", str(tmp_path / "p.jsonl"), "--tree-tokens", "8,0"],
-          "--tree-tokens", code=2)
+@pytest.mark.parametrize("option,values", [("--tree-tokens", "8,0"), ("--min-prob", "0,1.5")])
+def test_bench_sweep_values_are_range_checked(option, values, artifacts, tmp_path):
+    fails(["bench", str(artifacts["llama"]), "--prompts", str(tmp_path / "p.jsonl"), option, values], option, code=2)
 
 
 @pytest.mark.parametrize("prompt", ["", "   \n\t "])
