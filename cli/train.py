@@ -1,4 +1,4 @@
-"""`dovetail-onnx train`: make the data from the target, train a drafter, save it in fp16."""
+"""`dovetail-onnx train`: make the data from the target, train a drafter, save it (fp16 or int8)."""
 from __future__ import annotations
 
 import os
@@ -43,6 +43,8 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
               help="Teacher-forced text tokens.")
 @click.option("--seq-len", type=click.IntRange(64), default=384, show_default=True,
               help="Longest sequence (prompt + answer); longer prompts are skipped.")
+@click.option("--weights", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
+              help="How the drafter's weights are stored: int8 (per-row scales) halves a drafter whose MLP is large.")
 @click.option("--draft-vocab", type=click.IntRange(0), default=16384, show_default=True,
               help="Tokens the exported draft head scores by default, most frequent in the data first (0 = all).")
 @click.option("--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True,
@@ -56,7 +58,7 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
 @click.option("--seed", type=int, default=0, show_default=True)
 def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unroll, ce_weight, regression_weight,
           init_from, distill_prompts, distill_skip, max_new_tokens,
-          text_tokens, seq_len, draft_vocab, cache, resume, cached_answers, data_only, threads, seed):
+          text_tokens, seq_len, weights, draft_vocab, cache, resume, cached_answers, data_only, threads, seed):
     """Train a drafter for TARGET (a Hugging Face folder or a .gguf file) on the target's own outputs."""
     # Every batch has a new shape, and oneDNN caches compiled kernels per shape (1,024 by default): on
     # SmolLM2 the process grew past 13 GB in 200 steps at 795 tokens/s; with 64 it stayed under 8.2 GB at 1,320.
@@ -86,6 +88,6 @@ def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unro
     checkpoint = Path(cache) / "checkpoints" / f"{Path(output).resolve().name}-{fusion}-{layers}.pt"
     drafter, metrics = train_drafter(model, tokenizer, sequences, settings, checkpoint, resume, init=init)
     drafter.config.draft_vocab_size = draft_vocab
-    save_drafter(drafter, Path(output), dtype=torch.float16)
+    save_drafter(drafter, Path(output), weights)
     metrics.extra |= {"data_seconds": round(data_s, 1), "total_seconds": round(time.perf_counter() - started, 1)}
     click.echo(metrics_json(metrics))

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dovetail_onnx.export import data as data_module
 from dovetail_onnx.export import train as train_module
@@ -180,6 +181,26 @@ def test_checkpoint_round_trip(target, sequences, tmp_path):
         got = predict(loaded.eval(), batch, unroll=2, noise=0.0)
     for a, b in zip(expected, got):
         torch.testing.assert_close(a, b)
+
+
+def test_int8_weights_round_trip(target, sequences, tmp_path):
+    """int8 storage (per-row scales) keeps the drafter's predictions and shrinks its matrices 4x."""
+    drafter, _ = train_drafter(*target, sequences, quick(steps=5), progress=False)
+    save_drafter(drafter, tmp_path / "fp32")
+    save_drafter(drafter, tmp_path / "int8", "int8")
+    stored = load_file(str(tmp_path / "int8" / "model.safetensors"))
+    assert stored["W_z"].dtype == torch.int8 and stored["W_z.int8_scale"].shape == (drafter.W_z.shape[0], 1)
+    assert stored["layers.0.mlp.up_proj.weight"].dtype == torch.int8
+    assert (tmp_path / "int8" / "model.safetensors").stat().st_size < (tmp_path / "fp32" / "model.safetensors").stat().st_size / 3
+    loaded = load_drafter(tmp_path / "int8", *target)
+    assert torch.equal(loaded.token_ranking, drafter.token_ranking)
+    torch.testing.assert_close(loaded.W_1, drafter.W_1, atol=drafter.W_1.abs().max().item() / 127, rtol=0)
+    batch = collate(sequences[:2])
+    with torch.no_grad():
+        expected = predict(drafter.eval(), batch, unroll=2, noise=0.0)
+        got = predict(loaded.eval(), batch, unroll=2, noise=0.0)
+    for a, b in zip(expected, got):
+        assert (a - b).abs().max() < 0.05 * a.abs().max()
 
 
 def test_resume_continues_where_it_stopped(target, sequences, tmp_path, monkeypatch):

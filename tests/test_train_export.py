@@ -29,7 +29,7 @@ def test_trained_drafter_exports_and_stays_exact(hf_dirs, tmp_path, references):
     target, tokenizer = make_model("llama"), make_tokenizer()
     settings = TrainSettings(steps=60, batch_tokens=512, warmup=5, checkpoint_every=1000, bf16=False)
     drafter, metrics = train_drafter(target, tokenizer, own_greedy_sequences(target), settings, progress=False)
-    save_drafter(drafter, tmp_path / "drafter", dtype=torch.float16)
+    save_drafter(drafter, tmp_path / "drafter", "fp16")
 
     export_artifact(hf_dirs["llama"], tmp_path / "artifact", str(tmp_path / "drafter"), console=Console(quiet=True))
     model = Model(tmp_path / "artifact", draft_device="cpu")
