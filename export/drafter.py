@@ -185,16 +185,20 @@ def pack_int8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if tensor.dim() != 2:
             packed[name] = tensor.half()
             continue
-        scale = (tensor.float().abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float16).tiny)
-        scale = scale.half()
-        packed[name] = torch.round(tensor.float() / scale.float()).clamp(-127, 127).to(torch.int8)
+        scale = (tensor.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float16).tiny).half()
+        packed[name] = torch.round(tensor / scale.float()).clamp(-127, 127).to(torch.int8)
         packed[name + SCALE] = scale
     return packed
 
 
-def unpack_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of `pack_int8` (tensors without scales pass through)."""
+def unpack_int8(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """The inverse of `pack_int8` (tensors without scales pass through); an int8 matrix without its
+    scales would load as raw integers and draft nonsense, so it is refused."""
     scales = {k.removesuffix(SCALE): v for k, v in state.items() if k.endswith(SCALE)}
+    unscaled = [k for k, v in state.items() if v.dtype == torch.int8 and k not in scales]
+    if unscaled:
+        raise DovetailError(f"drafter weights at {source} are corrupt: int8 tensor {unscaled[0]} has no "
+                            f"{unscaled[0]}{SCALE}; save the drafter again (`dovetail-onnx train --weights int8`)")
     return {k: v.float() * scales[k].float() if k in scales else v for k, v in state.items() if not k.endswith(SCALE)}
 
 
@@ -204,7 +208,7 @@ def save_drafter(drafter: Drafter, folder: Path, weights: str = "fp32") -> None:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(asdict(drafter.config), indent=2) + "\n")
-    tensors = {k: v.detach().float().contiguous() for k, v in drafter.trained_state_dict().items()}
+    tensors = {k: v.detach().float() for k, v in drafter.trained_state_dict().items()}
     if weights == "int8":
         tensors = pack_int8(tensors)
     elif weights == "fp16":
@@ -226,7 +230,7 @@ def load_drafter(source: Path, target: PreTrainedModel, tokenizer: PreTrainedTok
     if (source / "model.safetensors").exists():
         raw = json.loads((source / "config.json").read_text())
         config = DrafterConfig(**raw)
-        state = unpack_int8(load_file(str(source / "model.safetensors")))
+        state = unpack_int8(load_file(str(source / "model.safetensors")), source)
         check_match(config, target_fingerprint(target, tokenizer), source)
     else:
         weights = source / "pytorch_model.bin" if source.is_dir() else source

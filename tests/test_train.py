@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dovetail_onnx.export import data as data_module
 from dovetail_onnx.export import train as train_module
@@ -201,6 +201,10 @@ def test_int8_weights_round_trip(target, sequences, tmp_path):
         got = predict(loaded.eval(), batch, unroll=2, noise=0.0)
     for a, b in zip(expected, got):
         assert (a - b).abs().max() < 0.05 * a.abs().max()
+    del stored["W_z.int8_scale"]
+    save_file(stored, str(tmp_path / "int8" / "model.safetensors"))
+    with pytest.raises(DovetailError, match="W_z has no W_z.int8_scale"):
+        load_drafter(tmp_path / "int8", *target)
 
 
 def test_resume_continues_where_it_stopped(target, sequences, tmp_path, monkeypatch):
