@@ -315,6 +315,9 @@ def train_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
         step = load_checkpoint(checkpoint, drafter, optimizer, settings)
     quick_eval = eval_batches(heldout, settings.batch_tokens, settings.eval_tokens)
     head = drafter.lm_head.weight[loss_tokens(drafter.token_ranking, train, settings.loss_vocab)]
+    if init is not None and step == 0:  # the starting point of the curve: what the data adds shows against it
+        held = evaluate(drafter, quick_eval, settings)
+        tqdm.write(f"step 0 (--init): held-out loss {held.loss:.3f}, top-1 {held.acc1:.3f}, 2nd step {held.acc2:.3f}")
     started, seen = time.perf_counter(), 0
     bar = tqdm(total=settings.steps, initial=step, desc="train drafter", unit="step", disable=not progress)
     while step < settings.steps:
