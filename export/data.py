@@ -67,11 +67,14 @@ class DataSettings:
     chunk: int = 256  # prompts (or text windows) per cached shard: the unit the data grows by
     heldout_every: int = 20  # every n-th sequence of each kind is held out
     seed: int = 0
+    mix: str = "general"  # which prompt stream (MIXES): a code target's drafter learns most from code requests
 
     def key(self, target: dict) -> str:
         """Only what changes a sequence: the amounts and batch sizes decide how much, not what."""
         amounts = ("distill_prompts", "distill_skip", "text_tokens", "distill_batch", "text_batch", "heldout_every")
         same = {k: v for k, v in asdict(self).items() if k not in amounts}
+        if self.mix == "general":  # the stream from before mixes existed: its caches keep their keys
+            del same["mix"]
         blob = json.dumps({"target": target, "data": same, "version": 2}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -209,32 +212,54 @@ def code_request(function: dict, rng: random.Random) -> str:
     ]).format(what, function["doc"])
 
 
-def distill_prompts(count: int, seed: int) -> list[list[dict]]:
-    """The first `count` of a fixed stream of distinct chat requests: questions, reading comprehension,
-    summaries, open requests, code to write, arithmetic and multi-turn chats.
+# Weights of each kind of request in a prompt stream. The general stream's order and weights are those data v1
+# and v2 were made with; kinds added later go last with weight 0 there, so its draws stay the same.
+KINDS_OF_PROMPT = ("question", "reading", "summary", "open", "code", "arithmetic", "chat", "code_source")
+MIXES = {
+    "general": (0.18, 0.10, 0.12, 0.15, 0.20, 0.10, 0.15, 0.0),
+    "code": (0.05, 0.03, 0.04, 0.04, 0.55, 0.04, 0.10, 0.15),
+}
 
-    The stream depends on the seed only, so asking for more prompts keeps the ones before.
+
+def source_request(function: dict, rng: random.Random) -> str:
+    """A request about existing code (explain, test, annotate, review): what else a code model is asked."""
+    return rng.choice([
+        "Explain what this Python code does.\n\n```python\n{}\n```",
+        "Write unit tests with unittest for this function.\n\n```python\n{}\n```",
+        "Add type hints to this function and return the new version.\n\n```python\n{}\n```",
+        "Review this code and suggest improvements.\n\n```python\n{}\n```",
+    ]).format(function["source"])
+
+
+def distill_prompts(count: int, seed: int, mix: str = "general") -> list[list[dict]]:
+    """The first `count` of a fixed stream of distinct chat requests: questions, reading comprehension,
+    summaries, open requests, code to write or to explain, arithmetic and multi-turn chats, in `mix`'s proportions.
+
+    The stream depends on the seed and mix only, so asking for more prompts keeps the ones before.
     """
     rng = random.Random(seed)
     paragraphs, docs, talks, things, functions = squad(), essays(), chats(), topics(), stdlib_functions()
-    makers = [
-        (0.18, lambda: rng.choice(rng.choice(paragraphs)["questions"])),
-        (0.10, lambda: (lambda p: f"{p['context']}\n\nQuestion: {rng.choice(p['questions'])}")(rng.choice(paragraphs))),
-        (0.12, lambda: rng.choice(["Summarize this text:\n\n", "Summarize the following passage briefly.\n\n",
-                                   "What is the main point of this paragraph?\n\n",
-                                   "Rewrite this paragraph in simpler words.\n\n"]) + rng.choice(docs)),
-        (0.15, lambda: rng.choice(["Tell me about {}.", "Explain {} in simple terms.", "Write a short essay about {}.",
-                                   "Give me three facts about {}.", "Write a short poem about {}.",
-                                   "What is {}?", "Write a short story that involves {}.",
-                                   "List the pros and cons of {}."]).format(rng.choice(things))),
-        (0.20, lambda: code_request(rng.choice(functions), rng)),
-        (0.10, lambda: word_problem(rng)),
-    ]
-    weights = [w for w, _ in makers] + [0.15]
+    short_functions = [f for f in functions if len(f["source"]) <= 700]  # leaves room for the answer in seq_len
+    makers = {
+        "question": lambda: rng.choice(rng.choice(paragraphs)["questions"]),
+        "reading": lambda: (lambda p: f"{p['context']}\n\nQuestion: {rng.choice(p['questions'])}")(
+            rng.choice(paragraphs)),
+        "summary": lambda: rng.choice(["Summarize this text:\n\n", "Summarize the following passage briefly.\n\n",
+                                       "What is the main point of this paragraph?\n\n",
+                                       "Rewrite this paragraph in simpler words.\n\n"]) + rng.choice(docs),
+        "open": lambda: rng.choice(["Tell me about {}.", "Explain {} in simple terms.", "Write a short essay about {}.",
+                                    "Give me three facts about {}.", "Write a short poem about {}.",
+                                    "What is {}?", "Write a short story that involves {}.",
+                                    "List the pros and cons of {}."]).format(rng.choice(things)),
+        "code": lambda: code_request(rng.choice(functions), rng),
+        "arithmetic": lambda: word_problem(rng),
+        "code_source": lambda: source_request(rng.choice(short_functions), rng),
+    }
+    weights = MIXES[mix]
     prompts, seen = [], set()
     while len(prompts) < count:
-        pick = rng.choices(range(len(weights)), weights)[0]
-        messages = rng.choice(talks)[:-1] if pick == len(makers) else [{"role": "user", "content": makers[pick][1]()}]
+        kind = KINDS_OF_PROMPT[rng.choices(range(len(weights)), weights)[0]]
+        messages = rng.choice(talks)[:-1] if kind == "chat" else [{"role": "user", "content": makers[kind]()}]
         key = json.dumps(messages)
         if key not in seen:
             seen.add(key)
@@ -384,7 +409,7 @@ def make_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache:
     if settings.distill_skip and skipped * settings.chunk >= whole:
         raise DovetailError(f"--distill-skip {settings.distill_skip} leaves none of --distill-prompts "
                             f"{settings.distill_prompts}; raise --distill-prompts past it")
-    prompts = [render(tokenizer, m) for m in distill_prompts(whole, settings.seed)]
+    prompts = [render(tokenizer, m) for m in distill_prompts(whole, settings.seed, settings.mix)]
     prompt_chunks = chunks(prompts, settings.chunk)[skipped:]
     indices = range(skipped, skipped + len(prompt_chunks))
     if not answer and whole and not any((folder / f"distill-{i:05d}.st").exists() for i in indices):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dovetail_onnx.cli.train import train as train_command
 from dovetail_onnx.export import data as data_module
 from dovetail_onnx.export import train as train_module
 from dovetail_onnx.export.data import DataSettings, make_data
@@ -121,6 +122,20 @@ def test_prompt_stream_keeps_its_prefix_and_leaves_benchmark_code_out():
     # the benchmark's own functions (e.g. textwrap.dedent, difflib.unified_diff) are not there
     names = {f["name"] for f in code}
     assert "dedent" not in names and "unified_diff" not in names and "collapse_addresses" not in names
+
+
+def test_code_mix_is_its_own_stream_and_the_general_one_keeps_its_cache_key():
+    """Caches made before mixes existed stay valid; a code mix is mostly code and never shares a cache."""
+    assert DataSettings().key({"name": "tiny"}) == "21340a5d92d910ee"  # the key data v1 and v2 were cached under
+    assert DataSettings(mix="code").key({"name": "tiny"}) != DataSettings().key({"name": "tiny"})
+    prompts = data_module.distill_prompts(200, seed=0, mix="code")
+    assert data_module.distill_prompts(80, seed=0, mix="code") == prompts[:80]
+    def about_code(stream: list[list[dict]]) -> int:
+        return sum("Python" in p[-1]["content"] or "```python" in p[-1]["content"] for p in stream)
+
+    general = data_module.distill_prompts(200, seed=0)
+    assert about_code(prompts) > 0.6 * len(prompts) and about_code(prompts) > 2 * about_code(general)
+    assert set(data_module.MIXES) == {c for p in train_command.params if p.name == "mix" for c in p.type.choices}
 
 
 def test_training_lowers_the_loss(target, sequences):
