@@ -233,8 +233,11 @@ def blocked_on_stdin(pid: int, timeout: float = 60) -> None:
 @pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_signal_exits_with_the_shell_code_and_one_line(sig, code, word, artifacts):
+    # A shell's background job (`make test &`) inherits SIGINT ignored, and Python then keeps it ignored: give the
+    # command the default disposition a terminal's Ctrl-C meets.
     process = subprocess.Popen([sys.executable, "-m", "dovetail_onnx.cli.main", "generate", str(artifacts["llama"])],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         blocked_on_stdin(process.pid)
         os.kill(process.pid, sig)
