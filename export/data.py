@@ -212,12 +212,15 @@ def code_request(function: dict, rng: random.Random) -> str:
     ]).format(what, function["doc"])
 
 
-# Weights of each kind of request in a prompt stream. The general stream's order and weights are those data v1
-# and v2 were made with; kinds added later go last with weight 0 there, so its draws stay the same.
+# How often each kind of request is drawn, by stream. The draw walks KINDS_OF_PROMPT in order: the general
+# stream's order and weights are those data v1 and v2 were made with, and kinds added later go last (weight 0
+# there), so its draws stay the same.
 KINDS_OF_PROMPT = ("question", "reading", "summary", "open", "code", "arithmetic", "chat", "code_source")
 MIXES = {
-    "general": (0.18, 0.10, 0.12, 0.15, 0.20, 0.10, 0.15, 0.0),
-    "code": (0.05, 0.03, 0.04, 0.04, 0.55, 0.04, 0.10, 0.15),
+    "general": {"question": 0.18, "reading": 0.10, "summary": 0.12, "open": 0.15, "code": 0.20, "arithmetic": 0.10,
+                "chat": 0.15},
+    "code": {"question": 0.05, "reading": 0.03, "summary": 0.04, "open": 0.04, "code": 0.55, "arithmetic": 0.04,
+             "chat": 0.10, "code_source": 0.15},
 }
 
 
@@ -240,26 +243,31 @@ def distill_prompts(count: int, seed: int, mix: str = "general") -> list[list[di
     rng = random.Random(seed)
     paragraphs, docs, talks, things, functions = squad(), essays(), chats(), topics(), stdlib_functions()
     short_functions = [f for f in functions if len(f["source"]) <= 700]  # leaves room for the answer in seq_len
+
+    def ask(text: str) -> list[dict]:
+        return [{"role": "user", "content": text}]
+
     makers = {
-        "question": lambda: rng.choice(rng.choice(paragraphs)["questions"]),
-        "reading": lambda: (lambda p: f"{p['context']}\n\nQuestion: {rng.choice(p['questions'])}")(
+        "question": lambda: ask(rng.choice(rng.choice(paragraphs)["questions"])),
+        "reading": lambda: (lambda p: ask(f"{p['context']}\n\nQuestion: {rng.choice(p['questions'])}"))(
             rng.choice(paragraphs)),
-        "summary": lambda: rng.choice(["Summarize this text:\n\n", "Summarize the following passage briefly.\n\n",
-                                       "What is the main point of this paragraph?\n\n",
-                                       "Rewrite this paragraph in simpler words.\n\n"]) + rng.choice(docs),
-        "open": lambda: rng.choice(["Tell me about {}.", "Explain {} in simple terms.", "Write a short essay about {}.",
-                                    "Give me three facts about {}.", "Write a short poem about {}.",
-                                    "What is {}?", "Write a short story that involves {}.",
-                                    "List the pros and cons of {}."]).format(rng.choice(things)),
-        "code": lambda: code_request(rng.choice(functions), rng),
-        "arithmetic": lambda: word_problem(rng),
-        "code_source": lambda: source_request(rng.choice(short_functions), rng),
+        "summary": lambda: ask(rng.choice(["Summarize this text:\n\n", "Summarize the following passage briefly.\n\n",
+                                           "What is the main point of this paragraph?\n\n",
+                                           "Rewrite this paragraph in simpler words.\n\n"]) + rng.choice(docs)),
+        "open": lambda: ask(rng.choice(["Tell me about {}.", "Explain {} in simple terms.",
+                                        "Write a short essay about {}.", "Give me three facts about {}.",
+                                        "Write a short poem about {}.", "What is {}?",
+                                        "Write a short story that involves {}.",
+                                        "List the pros and cons of {}."]).format(rng.choice(things))),
+        "code": lambda: ask(code_request(rng.choice(functions), rng)),
+        "arithmetic": lambda: ask(word_problem(rng)),
+        "chat": lambda: rng.choice(talks)[:-1],  # a real conversation up to its last user turn
+        "code_source": lambda: ask(source_request(rng.choice(short_functions), rng)),
     }
-    weights = MIXES[mix]
+    weights = [MIXES[mix].get(kind, 0.0) for kind in KINDS_OF_PROMPT]
     prompts, seen = [], set()
     while len(prompts) < count:
-        kind = KINDS_OF_PROMPT[rng.choices(range(len(weights)), weights)[0]]
-        messages = rng.choice(talks)[:-1] if kind == "chat" else [{"role": "user", "content": makers[kind]()}]
+        messages = makers[rng.choices(KINDS_OF_PROMPT, weights)[0]]()
         key = json.dumps(messages)
         if key not in seen:
             seen.add(key)

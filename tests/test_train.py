@@ -130,6 +130,7 @@ def test_code_mix_is_its_own_stream_and_the_general_one_keeps_its_cache_key():
     assert DataSettings(mix="code").key({"name": "tiny"}) != DataSettings().key({"name": "tiny"})
     prompts = data_module.distill_prompts(200, seed=0, mix="code")
     assert data_module.distill_prompts(80, seed=0, mix="code") == prompts[:80]
+
     def about_code(stream: list[list[dict]]) -> int:
         return sum("Python" in p[-1]["content"] or "```python" in p[-1]["content"] for p in stream)
 
