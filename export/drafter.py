@@ -164,6 +164,22 @@ class Drafter(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("embed_tokens.", "lm_head."))}
 
 
+def deepen(drafter: Drafter, init: Drafter) -> Drafter:
+    """Start `drafter` from `init`'s weights when it has more layers: each added layer is a copy of
+    init's last one with its two output projections zeroed, so it adds nothing to the residual and the
+    deeper drafter predicts exactly what the shallower one did. Training then only has to improve on a
+    drafter that already accepts, instead of starting a deeper one from random weights."""
+    state = init.trained_state_dict()
+    last = f"layers.{init.config.num_layers - 1}."
+    for i in range(init.config.num_layers, drafter.config.num_layers):
+        for key, value in init.trained_state_dict().items():
+            if key.startswith(last):
+                silent = key.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight"))
+                state[f"layers.{i}." + key.removeprefix(last)] = torch.zeros_like(value) if silent else value.clone()
+    drafter.load_state_dict(state, strict=False)
+    return drafter
+
+
 def rank_tokens(token_ids: list[torch.Tensor], vocab_size: int) -> torch.Tensor:
     """All token ids, most frequent first (ties by id): the order a truncated draft head keeps them in."""
     counts = torch.bincount(torch.cat(token_ids).long(), minlength=vocab_size)[:vocab_size]

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dovetail_onnx.export.data import Sequence
-from dovetail_onnx.export.drafter import Drafter, DrafterConfig, rank_tokens
+from dovetail_onnx.export.drafter import Drafter, DrafterConfig, deepen, rank_tokens
 from dovetail_onnx.export.modules import causal_mask
 from dovetail_onnx.runtime.errors import DovetailError
 
@@ -299,10 +299,11 @@ def train_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
     torch.manual_seed(settings.seed)
     drafter = Drafter(DrafterConfig.for_target(target, tokenizer, settings.fusion, settings.layers))
     if init is not None:
-        if (init.config.fusion, init.config.num_layers) != (settings.fusion, settings.layers):
+        if init.config.fusion != settings.fusion or init.config.num_layers > settings.layers:
             raise DovetailError(f"--init drafter is {init.config.fusion} with {init.config.num_layers} layers, "
-                                f"not {settings.fusion} with {settings.layers}; match --fusion and --layers to it")
-        drafter.load_state_dict(init.trained_state_dict(), strict=False)
+                                f"not {settings.fusion} with {settings.layers}; use --fusion {init.config.fusion} "
+                                f"and --layers {init.config.num_layers} or more (added layers start as the identity)")
+        deepen(drafter, init)
     drafter.attach_target(target).train()
     # Tokens the target emits (answers and text), most frequent first: the draft vocabulary. An --init drafter keeps
     # its own, ranked on all the data it learned from: a fresh slice of the stream is too small to re-rank by.

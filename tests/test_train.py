@@ -183,8 +183,26 @@ def test_init_starts_from_a_drafters_weights(target, sequences, tmp_path):
     init.token_ranking = init.token_ranking.flip(0)  # ranked on other data than this run's
     kept, _ = train_drafter(*target, sequences, quick(steps=1), progress=False, init=init)
     assert torch.equal(kept.token_ranking, init.token_ranking)  # its draft vocabulary stays
-    with pytest.raises(DovetailError, match="match --fusion and --layers"):
-        train_drafter(*target, sequences, quick(steps=0, layers=2), progress=False, init=load_drafter(tmp_path / "drafter", *target))
+    with pytest.raises(DovetailError, match="--layers 1 or more"):
+        train_drafter(*target, sequences, quick(steps=0, fusion="eagle"), progress=False, init=init)
+
+
+def test_added_layers_start_as_the_identity_and_then_learn(target, sequences, tmp_path):
+    """A deeper drafter grown from a shallower one predicts what it did, to the last bit of its held-out
+    loss, and its added layers move once trained; fewer layers than --init's are refused."""
+    shallow, _ = train_drafter(*target, sequences, quick(steps=10), progress=False)
+    save_drafter(shallow, tmp_path / "shallow")
+    _, same = train_drafter(*target, sequences, quick(steps=0), progress=False,
+                            init=load_drafter(tmp_path / "shallow", *target))
+    _, grown = train_drafter(*target, sequences, quick(steps=0, layers=3), progress=False,
+                             init=load_drafter(tmp_path / "shallow", *target))
+    assert grown.loss == pytest.approx(same.loss, rel=1e-6) and grown.acc1 == same.acc1
+    deep, _ = train_drafter(*target, sequences, quick(steps=3, layers=2), progress=False,
+                            init=load_drafter(tmp_path / "shallow", *target))
+    assert deep.layers[1].mlp.down_proj.weight.abs().sum() > 0
+    save_drafter(deep, tmp_path / "deep")
+    with pytest.raises(DovetailError, match="--layers 2 or more"):
+        train_drafter(*target, sequences, quick(steps=0), progress=False, init=load_drafter(tmp_path / "deep", *target))
 
 
 def test_checkpoint_round_trip(target, sequences, tmp_path):
