@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -12,7 +13,7 @@ from dovetail_onnx.cli.options import DEPTH, MIN_PROB, SEED, TOP_K, TREE_TOKENS,
 from dovetail_onnx.cli.serve import chat, serve
 from dovetail_onnx.cli.train import train
 from dovetail_onnx.runtime.errors import DovetailError
-from dovetail_onnx.runtime.manifest import EXPORT_TREE, PRECISIONS, TreeSettings
+from dovetail_onnx.runtime.manifest import EXPORT_TREE, PRECISIONS, SIZINGS, TreeSettings
 from dovetail_onnx.runtime.sessions import DEVICES
 
 
@@ -86,6 +87,9 @@ def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, m
 @click.option("--tree-tokens", type=TREE_TOKENS, help="Tree size, root included [default: the artifact's].")
 @click.option("--min-prob", type=MIN_PROB,
               help="Least probability of a node's path for the drafter to expand it [default: the artifact's].")
+@click.option("--sizing", type=click.Choice(SIZINGS),
+              help="Tree size each step: 'cost' picks it from the artifact's measured step cost (`bench --tune`), "
+                   "'fixed' is always --tree-tokens [default: the artifact's].")
 @click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True,
               help="Nucleus sampling mass.")
@@ -99,10 +103,8 @@ def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, m
 @click.option("--threads", type=Threads(), help="Intra-op threads per session, at most the cores [default: ONNX Runtime's choice].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(artifact, prompt, prompt_file, max_new_tokens, raw, special_tokens, mode, top_k, depth, tree_tokens,
-             min_prob, temperature, top_p, sample_top_k, seed, ignore_eos, lookup, draft_device, threads, as_json):
+             min_prob, sizing, temperature, top_p, sample_top_k, seed, ignore_eos, lookup, draft_device, threads, as_json):
     """Generate from a prompt (--prompt, --prompt-file or stdin) with an exported ARTIFACT."""
-    from dataclasses import replace
-
     from dovetail_onnx.runtime import Generator, GeneratorParams, Model, SamplingParams
     from dovetail_onnx.runtime.tokenizer import StreamDecoder
 
@@ -118,7 +120,7 @@ def generate(artifact, prompt, prompt_file, max_new_tokens, raw, special_tokens,
     model = Model(artifact, draft_device=draft_device, threads=threads)
     tree = model.manifest.tree
     overrides = (("top_k", top_k), ("depth", depth), ("total_tokens", tree_tokens), ("min_prob", min_prob))
-    tree = replace(tree, **{k: v for k, v in overrides if v is not None})
+    tree = sized_tree(replace(tree, **{k: v for k, v in overrides if v is not None}), sizing, model.manifest.tree)
     params = GeneratorParams(max_new_tokens, mode, tree, stop_at_eos=not ignore_eos, sampling=sampling, lookup=lookup)
     generator = Generator(model, params, model.encode_prompt(prompt, raw, special_tokens))
     stream = StreamDecoder(model.tokenizer)
@@ -138,11 +140,30 @@ def generate(artifact, prompt, prompt_file, max_new_tokens, raw, special_tokens,
                    f"{stats['tokens_per_s']} tok/s, draft on {stats['draft_provider']}]", err=True)
 
 
+def sized_tree(tree: TreeSettings, sizing: str | None, stored: TreeSettings) -> TreeSettings:
+    """`tree` sized as asked: 'fixed' drops the step cost, 'cost' needs the one `bench --tune` stored."""
+    if sizing == "fixed":
+        return replace(tree, step_ms=())
+    if sizing == "cost" and not stored.step_ms:
+        raise DovetailError("--sizing cost needs this machine's step cost in the artifact; measure it with "
+                            "`dovetail-onnx bench ARTIFACT --prompts FILE --sizing cost --tune`")
+    return tree
+
+
 def number_list(kind: click.ParamType):
     """Callback for a comma list of numbers, each checked against `kind`'s range."""
 
     def convert(ctx, param, value: str | None) -> list | None:
         return None if value is None else [kind.convert(v.strip(), param, ctx) for v in value.split(",")]
+
+    return convert
+
+
+def choice_list(choices: tuple[str, ...]):
+    """Callback for a comma list of words, each one of `choices`."""
+
+    def convert(ctx, param, value: str | None) -> list | None:
+        return None if value is None else [click.Choice(choices).convert(v.strip(), param, ctx) for v in value.split(",")]
 
     return convert
 
@@ -157,6 +178,9 @@ def number_list(kind: click.ParamType):
 @click.option("--depth", callback=number_list(DEPTH), help="Tree depth, or a comma list to sweep.")
 @click.option("--tree-tokens", callback=number_list(TREE_TOKENS), help="Tree size, or a comma list to sweep.")
 @click.option("--min-prob", callback=number_list(MIN_PROB), help="Least path probability to expand, or a comma list.")
+@click.option("--sizing", callback=choice_list(SIZINGS),
+              help="Tree size each step: 'cost' picks it from the step cost measured at the start of this run, "
+                   "'fixed' is always --tree-tokens; a comma list runs both [default: the artifact's].")
 @click.option("--baseline-genai", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="An onnxruntime-genai model folder to run on the same prompts, threads and budget, side by side.")
 @click.option("--draft-device", type=click.Choice(DEVICES), default="auto", show_default=True)
@@ -168,8 +192,8 @@ def number_list(kind: click.ParamType):
 @click.option("--tune", is_flag=True,
               help="Store the fastest tree setting of this run as the artifact's default (in dovetail.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, min_prob, baseline_genai, draft_device,
-          threads, lookup, with_profile, tune, as_json):
+def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, min_prob, sizing, baseline_genai,
+          draft_device, threads, lookup, with_profile, tune, as_json):
     """Speculative vs target-only decoding speed on a prompt set, with exactness checked (and onnxruntime-genai's)."""
     import itertools
 
@@ -178,7 +202,8 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, m
     from rich.table import Table
 
     from dovetail_onnx.runtime import Model
-    from dovetail_onnx.runtime.bench import Genai, by_category, load_prompts, profile, run_bench, store_tree
+    from dovetail_onnx.runtime.bench import Genai, by_category, load_prompts, profile, run_bench, step_costs, \
+        store_tree
 
     prompts, categories = load_prompts(prompt_file, n)
     model = Model(artifact, draft_device=draft_device, threads=threads)
@@ -186,12 +211,20 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, m
     d = model.manifest.tree
     trees = [TreeSettings(*setting) for setting in itertools.product(
         top_k or [d.top_k], depth or [d.depth], tree_tokens or [d.total_tokens], min_prob or [d.min_prob])]
+    sizing, step_ms = sizing or ["cost" if d.step_ms else "fixed"], ()
+    if "cost" in sizing:
+        encoded = [model.encode_prompt(p) for p in prompts]
+        context = round(sum(map(len, encoded)) / len(encoded)) + max_new_tokens // 2
+        step_ms = step_costs(model, encoded[0], context, max(t.total_tokens for t in trees))
+    trees = [replace(tree, step_ms=step_ms if way == "cost" else ()) for tree in trees
+             for way in sizing]
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(f"{len(prompts)} prompts × {len(trees) + 1 + bool(genai)} runs", total=len(prompts))
         run = run_bench(model, prompts, max_new_tokens, trees, genai, lambda: bar.advance(task), lookup)
     summaries = [r.summary(run.baseline, len(prompts)) for r in run.results]
     best = max(summaries, key=lambda s: s["speedup"])
     info = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "precision": model.manifest.target.precision,
+            "step_ms": step_ms,
             "draft_provider": model.drafter.session.get_providers()[0], "draft_graph": model.drafter.graph,
             "target_provider": model.target.session.get_providers()[0]}
     if run.genai:
@@ -207,20 +240,21 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, m
         mean = round(sum(map(len, encoded)) / len(encoded))
         info["profile"] = profile(model, encoded[0], sorted({mean, min(2000, model.manifest.context_length - 64)}))
     if tune:
-        best_tree = TreeSettings(best["top_k"], best["depth"], best["tree_tokens"], best["min_prob"])
+        best_tree = TreeSettings(best["top_k"], best["depth"], best["tree_tokens"], best["min_prob"],
+                                 step_ms if best["sizing"] == "cost" else ())
         info["tuned"] = store_tree(model.manifest, best_tree)
     if as_json:
         click.echo(json.dumps({**info, **best, "runs": summaries, "per_prompt": [r.per_prompt for r in run.results]}))
         return
     table = Table(title=f"{prompt_file.name}: {len(prompts)} prompts × {max_new_tokens} tokens, "
                         f"{info['precision']} target, draft on {info['draft_provider']}")
-    for column in ("top_k", "depth", "tree", "min p", "τ", "copied", "tok/s", "baseline tok/s", "speedup",
+    for column in ("top_k", "depth", "tree", "min p", "sizing", "τ", "copied", "tok/s", "baseline tok/s", "speedup",
                    "identical", "draft ms", "drafts", "verify ms", "host ms"):
         table.add_column(column, justify="right")
     for s in summaries:
         step = s["ms_per_step"]
-        table.add_row(*map(str, (s["top_k"], s["depth"], s["tree_tokens"], s["min_prob"], s["mean_accepted"],
-                                 s["copied_per_step"], s["tokens_per_s"], s["baseline_tokens_per_s"], s["speedup"],
+        table.add_row(*map(str, (s["top_k"], s["depth"], s["tree_tokens"], s["min_prob"], s["sizing"],
+                                 s["mean_accepted"], s["copied_per_step"], s["tokens_per_s"], s["baseline_tokens_per_s"], s["speedup"],
                                  f"{s['identical_count']}/{len(prompts)}", step["draft"], s["draft_forwards_per_step"],
                                  step["verify"], step["host"])))
     console = Console(width=None if sys.stdout.isatty() else 140)
@@ -240,6 +274,8 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, m
             console.print(f"target ms per forward at {past} tokens of context: " +
                           ", ".join(f"{rows} rows {ms}" for rows, ms in times.items()))
         console.print(f"drafter ms per forward (one tree level): {info['profile']['drafter_ms_per_forward']}")
+    if step_ms:
+        console.print("ms a step by tree size (cost sizing): " + ", ".join(f"{i} {ms}" for i, ms in enumerate(step_ms, 1)))
     if tune:
         console.print(f"stored as the artifact's default tree: {info['tuned']}")
     if run.genai:

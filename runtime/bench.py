@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +80,7 @@ class Result:
         steps = max(spec.forwards, 1)
         return {
             "top_k": self.tree.top_k, "depth": self.tree.depth, "tree_tokens": self.tree.total_tokens,
-            "min_prob": self.tree.min_prob,
+            "min_prob": self.tree.min_prob, "sizing": "cost" if self.tree.step_ms else "fixed",
             "mean_accepted": round(spec.tokens / steps, 3),
             "copied_per_step": round(spec.copied / steps, 3),
             "draft_forwards_per_step": round(spec.draft_forwards / steps, 2),
@@ -222,9 +222,19 @@ def profile(model: Model, prompt: list[int], contexts: list[int], rows: tuple[in
             by_rows.setdefault(past, {})[seq] = round(1000 * float(np.median(times[2:])), 2)
     target.kv.length = 0
     forwards = model.drafter.forwards
-    _, stats = generate(model, prompt, GeneratorParams(64))
+    _, stats = generate(model, prompt, GeneratorParams(64, tree=replace(model.manifest.tree, step_ms=())))
     draft_ms = 1000 * stats.draft_s / max(model.drafter.forwards - forwards, 1)
-    return {"target_ms": by_rows, "drafter_ms_per_forward": round(draft_ms, 2)}
+    steps = max(stats.target_forwards, 1)
+    return {"target_ms": by_rows, "drafter_ms_per_forward": round(draft_ms, 2),
+            "draft_and_host_ms_per_step": round(1000 * (stats.decode_s - stats.verify_s) / steps, 2)}
+
+
+def step_costs(model: Model, prompt: list[int], context: int, sizes: int) -> tuple[float, ...]:
+    """ms of one step by tree size 1..`sizes` on this machine, for `TreeSettings.step_ms`: the target forward over
+    that many rows at `context` tokens, plus a step's drafting and host work (measured with the artifact's tree)."""
+    timed = profile(model, prompt, [context], tuple(range(1, sizes + 1)), repeats=8)
+    overhead = timed["draft_and_host_ms_per_step"]
+    return tuple(round(ms + overhead, 2) for ms in timed["target_ms"][context].values())
 
 
 def store_tree(manifest: Manifest, tree: TreeSettings) -> dict:
@@ -249,17 +259,23 @@ TUNING_PROMPTS = [
 ]
 
 
-def tuning_trees(manifest: Manifest) -> list[TreeSettings]:
-    """Candidate trees around what pays on CPUs: sizes for tree-verifying targets, chain depths for the others."""
+def tuning_trees(manifest: Manifest, step_ms: tuple[float, ...]) -> list[TreeSettings]:
+    """Candidate trees around what pays on CPUs: sizes for tree-verifying targets, chain depths for the others,
+    each fixed and each sized step by step from `step_ms`."""
     d = manifest.tree
     if manifest.target.verify == "chain":
-        return [TreeSettings(1, depth, depth + 1, d.min_prob) for depth in (1, 2, 3, 4)]
-    return [TreeSettings(d.top_k, d.depth, tokens, d.min_prob) for tokens in (4, 6, 8, 12, 16)]
+        fixed = [TreeSettings(1, depth, depth + 1, d.min_prob) for depth in (1, 2, 3, 4)]
+    else:
+        fixed = [TreeSettings(d.top_k, d.depth, tokens, d.min_prob) for tokens in (4, 6, 8, 12, 16)]
+    return fixed + [replace(fixed[-1], step_ms=step_ms)]
 
 
 def tune_tree(model: Model, max_new_tokens: int = 64, progress=lambda: None) -> TreeSettings:
-    """Measure the candidate trees on TUNING_PROMPTS and store the fastest as the artifact's default."""
-    run = run_bench(model, TUNING_PROMPTS, max_new_tokens, tuning_trees(model.manifest), progress=progress)
+    """Measure this machine's step cost by tree size, run the candidate trees on TUNING_PROMPTS and store the
+    fastest as the artifact's default."""
+    prompt = model.encode_prompt(TUNING_PROMPTS[0])
+    step_ms = step_costs(model, prompt, len(prompt) + max_new_tokens // 2, 16)
+    run = run_bench(model, TUNING_PROMPTS, max_new_tokens, tuning_trees(model.manifest, step_ms), progress=progress)
     best = max(run.results, key=lambda r: r.speculative.tokens_per_s).tree
     store_tree(model.manifest, best)
     return best

@@ -7,6 +7,8 @@ target's feature of token i with token i + 1, so it depends on tokens [0, i + 1]
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from dovetail_onnx.runtime.buffers import PREFILL_CHUNK, Buffer, KVCache
@@ -148,13 +150,14 @@ class Drafter:
             frontier = first + best
             parent_rows = best // top_k
 
-        return best_tree(int(tokens[-1]), np.array(cand_tokens), np.array(cand_parent), np.array(cand_score), total,
-                         chain)
+        return best_tree(int(tokens[-1]), np.array(cand_tokens), np.array(cand_parent), np.array(cand_score),
+                         replace(self.settings, total_tokens=total), chain)
 
 
-def best_tree(root: int, tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray, total: int,
+def best_tree(root: int, tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray, settings: TreeSettings,
               chain: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Tree, int]:
-    """The tree of the `total - 1` best candidates (parent −1 = root) and prompt-lookup chain nodes, by score.
+    """The tree of the best candidates (parent −1 = root) and prompt-lookup chain nodes by score, as many as
+    `settings.sized` gives (`total_tokens - 1` unless a step cost was measured).
 
     The chain's leading tokens that the candidates already hold as a path from the root take the better of the
     two scores; the rest of the chain hangs below as new candidates. Scores fall along every path, so the best
@@ -177,7 +180,8 @@ def best_tree(root: int, tokens: np.ndarray, parents: np.ndarray, scores: np.nda
         tokens = np.concatenate((tokens, np.asarray(new_tokens, dtype=np.int64)))
         parents = np.concatenate((parents, np.asarray(new_parents, dtype=np.int64)))
         scores = np.concatenate((scores, new_scores))
-    keep = np.sort(np.argsort(-scores, kind="stable")[: total - 1])
+    ranked = np.argsort(-scores, kind="stable")
+    keep = np.sort(ranked[: settings.sized(scores[ranked]) - 1])
     node_of = {-1: 0, **{int(c): i + 1 for i, c in enumerate(keep)}}
     tree = Tree(np.array([root, *tokens[keep]], dtype=np.int64), np.array([-1] + [node_of[parents[c]] for c in keep]))
     return tree, 1 + int(np.sum(keep < drafted))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
+import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, \
     model_validator
 
@@ -23,6 +24,7 @@ Precision = Literal["fp32", "int8", "int4"]  # of the target's weights (export/t
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 # One verify forward's rows: the target's output buffers hold this many (see buffers.PREFILL_CHUNK).
 MAX_TREE_TOKENS = 128
+SIZINGS = ("cost", "fixed")  # how a step's tree size is chosen (TreeSettings.step_ms)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,11 @@ class TreeSettings:
     # that can add fewer expected tokens than its share of the step costs more than it earns. 0 expands every
     # node that can enter the tree (EAGLE-2's rule, for a drafter that is cheap next to the target).
     min_prob: float = 0.0
+    # Measured ms of one whole step (draft, verify, host) by tree size, 1 token upwards (`bench --tune`). When set,
+    # each step's tree takes the size, up to `total_tokens`, with the most expected tokens per ms: a CPU's verify
+    # cost climbs in stairs (its GEMM kernels run a few rows a pass), so a step's best size depends on how sure the
+    # drafter is this time. Empty: every tree is `total_tokens` big.
+    step_ms: tuple[float, ...] = ()
 
     def problem(self, max_top_k: int) -> str | None:
         """What is out of range, phrased with the CLI's option names; None when the tree is valid."""
@@ -44,7 +51,22 @@ class TreeSettings:
                 return f"{name} must be an integer from {low} to {high}, got {value!r}"
         if type(self.min_prob) not in (int, float) or not 0 <= self.min_prob < 1:
             return f"--min-prob must be a number from 0 to below 1, got {self.min_prob!r}"
+        if self.step_ms and not all(type(ms) in (int, float) and 0 < ms < float("inf") for ms in self.step_ms):
+            return f"step_ms must be positive milliseconds, got {list(self.step_ms)!r}"
+        if self.step_ms and len(self.step_ms) < self.total_tokens:
+            return (f"--tree-tokens {self.total_tokens} is beyond the {len(self.step_ms)} tree sizes whose step cost "
+                    "was measured (step_ms); use fewer, or --sizing fixed")
         return None
+
+    def sized(self, scores: np.ndarray) -> int:
+        """The tree size for candidates whose log-probs (best first) are `scores`: the size with the most expected
+        tokens per measured ms, taking a node's drafter path probability as its odds of acceptance (EAGLE-2's
+        premise); `total_tokens` when no cost was measured."""
+        sizes = min(self.total_tokens, len(scores) + 1)
+        if not self.step_ms:
+            return sizes
+        expected = 1.0 + np.concatenate(([0.0], np.cumsum(np.exp(scores[: sizes - 1]))))
+        return int(np.argmax(expected / np.asarray(self.step_ms[:sizes]))) + 1
 
     def chain_problem(self, verify: str) -> str | None:
         """A target that verifies chains only (quantized activations, see export/target.py) needs top_k 1."""

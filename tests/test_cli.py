@@ -126,12 +126,37 @@ def test_bench_profiles_and_tunes_the_default_tree(artifacts, tmp_path):
     assert Model(folder).manifest.tree.total_tokens == best["tree_tokens"]
 
 
+def test_bench_sizes_trees_by_the_step_cost_it_measures_and_tune_stores_it(artifacts, tmp_path):
+    folder = edited_artifact(artifacts["llama"], tmp_path / "a", lambda raw: None)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["one"]}\n')
+    args = ["bench", str(folder), "--prompts", str(prompts), "--max-new-tokens", "12", "--tree-tokens", "5",
+            "--draft-device", "cpu", "--json"]
+    result = CliRunner().invoke(main, [*args, "--sizing", "fixed,cost"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [r["sizing"] for r in out["runs"]] == ["fixed", "cost"] and all(r["identical"] for r in out["runs"])
+    assert len(out["step_ms"]) == 5 and all(ms > 0 for ms in out["step_ms"])
+    result = CliRunner().invoke(main, [*args, "--sizing", "cost", "--tune"])
+    assert result.exit_code == 0, result.output
+    stored = Model(folder).manifest.tree
+    assert stored.total_tokens == 5 and stored.step_ms == tuple(json.loads(result.stdout)["step_ms"])
+    fails(["generate", str(folder), "--prompt", "hi", "--tree-tokens", "9"],
+          "--tree-tokens 9 is beyond the 5 tree sizes whose step cost was measured (step_ms); use fewer, or --sizing fixed")
+    for sizing in ("cost", "fixed"):
+        result = CliRunner().invoke(main, ["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "6",
+                                           "--draft-device", "cpu", "--sizing", sizing, "--json"])
+        assert result.exit_code == 0, result.output
+
+
 def test_tuning_stores_one_of_the_candidate_trees(artifacts, quantized, tmp_path):
     for name, source in (("fp32", artifacts["llama"]), ("int4", quantized["int4"].manifest.folder)):
         folder = edited_artifact(source, tmp_path / name, lambda raw: None)
         model = Model(folder, draft_device="cpu")
         best = tune_tree(model, max_new_tokens=8)
-        assert best in tuning_trees(model.manifest) and Model(folder).manifest.tree == best
+        assert Model(folder).manifest.tree == best
+        assert best in tuning_trees(model.manifest, best.step_ms)
+        assert not best.step_ms or len(best.step_ms) == 16 and all(ms > 0 for ms in best.step_ms)
 
 
 def test_compare_counts_matching_tokens(models, quantized, tmp_path):

@@ -75,6 +75,8 @@ def put(path: str, value):
     (put("context_length", "512"), "field 'context_length'"),
     (put("tree.depth", 0), "field 'tree'"),
     (put("tree.min_prob", 1.5), "field 'tree': min_prob must be a number"),
+    (put("tree.step_ms", [9.0] * 15 + [-1.0]), "field 'tree': step_ms must be positive milliseconds"),
+    (put("tree.step_ms", [9.0] * 3), "beyond the 3 tree sizes whose step cost was measured"),
     (put("target.file", "../target.onnx"), "field 'target.file'"),
     (put("target.num_layers", 3), "num_layers"),
     (put("drafter.num_layers", 1), "num_layers"),
@@ -127,6 +129,11 @@ def test_prompt_longer_than_context(artifacts):
 ])
 def test_option_out_of_range_at_parse_time(args, match, artifacts):
     fails(["generate", str(artifacts["llama"]), "--prompt", "hi", *args], match, code=2)
+
+
+def test_cost_sizing_needs_a_measured_step_cost(artifacts):
+    fails(["generate", str(artifacts["llama"]), "--prompt", "hi", "--sizing", "cost"], "--sizing cost needs this "
+          "machine's step cost in the artifact; measure it with `dovetail-onnx bench ARTIFACT")
 
 
 def test_top_k_above_graph(artifacts):

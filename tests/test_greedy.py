@@ -22,7 +22,8 @@ def test_speculative_equals_transformers(kind, chat, models, references):
 
 
 @pytest.mark.parametrize("tree", [TreeSettings(1, 1, 2), TreeSettings(4, 3, 8), TreeSettings(16, 6, 40),
-                                  TreeSettings(4, 3, 8, min_prob=0.01)])
+                                  TreeSettings(4, 3, 8, min_prob=0.01),
+                                  TreeSettings(4, 3, 8, step_ms=(1.0, 1.0, 1.0, 1.1, 1.3, 1.2, 1.5, 1.5))])
 def test_any_tree_shape_is_lossless(tree, models, references):
     prompt = models["llama"].encode_prompt("tree shapes", raw=True)
     tokens, _ = generate(models["llama"], prompt, GeneratorParams(max_new_tokens=40, tree=tree, stop_at_eos=False))
@@ -37,6 +38,22 @@ def test_min_prob_leaves_unlikely_nodes_unexpanded(models, references):
         tokens, stats = generate(models["llama"], prompt, params)
         assert tokens == references("llama", prompt, 30)
         assert (stats.draft_forwards == stats.target_forwards) == one_forward_a_step
+
+
+def test_cost_sizing_sizes_each_step_and_stays_lossless(models, references, monkeypatch):
+    """A random drafter is never sure: where one more row costs a lot every step verifies its root alone, where
+    rows cost nothing every tree is full."""
+    model = models["llama"]
+    prompt = model.encode_prompt("sized trees", raw=True)
+    forward, sizes = model.target.forward, []
+    monkeypatch.setattr(model.target, "forward", lambda tokens, *args: sizes.append(len(tokens)) or forward(tokens, *args))
+    for step_ms, size in (((1.0, *[5.0] * 7), 1), ((1.0,) * 8, 8)):
+        params = GeneratorParams(max_new_tokens=30, tree=TreeSettings(4, 3, 8, step_ms=step_ms), stop_at_eos=False,
+                                 lookup=False)
+        sizes.clear()
+        tokens, stats = generate(model, prompt, params)
+        assert tokens == references("llama", prompt, 30)
+        assert sizes[1:] == [size] * stats.target_forwards  # sizes[0] is the prefill
 
 
 @pytest.mark.parametrize("mode", ["speculative", "target-only"])
