@@ -120,7 +120,7 @@ def generate(artifact, prompt, prompt_file, max_new_tokens, raw, special_tokens,
     model = Model(artifact, draft_device=draft_device, threads=threads)
     tree = model.manifest.tree
     overrides = (("top_k", top_k), ("depth", depth), ("total_tokens", tree_tokens), ("min_prob", min_prob))
-    tree = sized_tree(replace(tree, **{k: v for k, v in overrides if v is not None}), sizing, model.manifest.tree)
+    tree = sized_tree(replace(tree, **{k: v for k, v in overrides if v is not None}), sizing)
     params = GeneratorParams(max_new_tokens, mode, tree, stop_at_eos=not ignore_eos, sampling=sampling, lookup=lookup)
     generator = Generator(model, params, model.encode_prompt(prompt, raw, special_tokens))
     stream = StreamDecoder(model.tokenizer)
@@ -140,11 +140,11 @@ def generate(artifact, prompt, prompt_file, max_new_tokens, raw, special_tokens,
                    f"{stats['tokens_per_s']} tok/s, draft on {stats['draft_provider']}]", err=True)
 
 
-def sized_tree(tree: TreeSettings, sizing: str | None, stored: TreeSettings) -> TreeSettings:
-    """`tree` sized as asked: 'fixed' drops the step cost, 'cost' needs the one `bench --tune` stored."""
+def sized_tree(tree: TreeSettings, sizing: str | None) -> TreeSettings:
+    """The artifact's `tree` sized as asked: 'fixed' drops its step cost, 'cost' needs the one `bench --tune` stored."""
     if sizing == "fixed":
         return replace(tree, step_ms=())
-    if sizing == "cost" and not stored.step_ms:
+    if sizing == "cost" and not tree.step_ms:
         raise DovetailError("--sizing cost needs this machine's step cost in the artifact; measure it with "
                             "`dovetail-onnx bench ARTIFACT --prompts FILE --sizing cost --tune`")
     return tree
@@ -212,10 +212,10 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, m
     trees = [TreeSettings(*setting) for setting in itertools.product(
         top_k or [d.top_k], depth or [d.depth], tree_tokens or [d.total_tokens], min_prob or [d.min_prob])]
     sizing, step_ms = sizing or ["cost" if d.step_ms else "fixed"], ()
+    encoded = [model.encode_prompt(p) for p in prompts]
+    mean = round(sum(map(len, encoded)) / len(encoded))
     if "cost" in sizing:
-        encoded = [model.encode_prompt(p) for p in prompts]
-        context = round(sum(map(len, encoded)) / len(encoded)) + max_new_tokens // 2
-        step_ms = step_costs(model, encoded[0], context, max(t.total_tokens for t in trees))
+        step_ms = step_costs(model, encoded[0], mean + max_new_tokens // 2, max(t.total_tokens for t in trees))
     trees = [replace(tree, step_ms=step_ms if way == "cost" else ()) for tree in trees
              for way in sizing]
     with Progress(console=Console(stderr=True), transient=True) as bar:
@@ -236,8 +236,6 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, m
     if len(set(categories)) > 1:
         info["by_category"] = by_category(run, categories)
     if with_profile:
-        encoded = [model.encode_prompt(p) for p in prompts]
-        mean = round(sum(map(len, encoded)) / len(encoded))
         info["profile"] = profile(model, encoded[0], sorted({mean, min(2000, model.manifest.context_length - 64)}))
     if tune:
         best_tree = TreeSettings(best["top_k"], best["depth"], best["tree_tokens"], best["min_prob"],
