@@ -126,6 +126,7 @@ def test_prompt_longer_than_context(artifacts):
     (["--threads", "-3"], "--threads"),
     (["--threads", str(usable_cores() + 1)], f"this machine's {usable_cores()} cores"),
     (["--threads", "1000"], "cores"),
+    (["--sizing", "bogus"], "--sizing"),
 ])
 def test_option_out_of_range_at_parse_time(args, match, artifacts):
     fails(["generate", str(artifacts["llama"]), "--prompt", "hi", *args], match, code=2)
@@ -145,7 +146,7 @@ def test_sample_top_k_above_vocabulary(artifacts):
           "at most the vocabulary size 320")
 
 
-@pytest.mark.parametrize("option,values", [("--tree-tokens", "8,0"), ("--min-prob", "0,1.5")])
+@pytest.mark.parametrize("option,values", [("--tree-tokens", "8,0"), ("--min-prob", "0,1.5"), ("--sizing", "cost,x")])
 def test_bench_sweep_values_are_range_checked(option, values, artifacts, tmp_path):
     fails(["bench", str(artifacts["llama"]), "--prompts", str(tmp_path / "p.jsonl"), option, values], option, code=2)
 
