@@ -103,7 +103,8 @@ class GraphSpec(BaseModel):
     hidden_size: Positive
     vocab_size: Positive
     precision: Precision = "fp32"
-    min_rows: Literal[1, 2] = 1  # rows every forward runs (see export/target.py: quantized kernels)
+    min_rows: Literal[1, 2] = 1  # rows every forward runs (older quantized exports: 2, see export/target.py)
+    attention_rows: Literal[1, 2] = 1  # query rows the attention runs at least (quantized: 2, see export/target.py)
     verify: Literal["tree", "chain"] = "tree"  # draft shapes whose rows equal sequential decoding
     cpu_file: FileName | None = None  # drafter only: the int8 graph to use when it runs on a CPU
 

@@ -1,6 +1,7 @@
 """The target graph on the CPU execution provider, its KV cache and its output buffers."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,21 @@ class Target:
                  {"logits": {-1: spec.vocab_size}, "hidden_states": {-1: spec.hidden_size},
                   **{present: {1: spec.kv_heads, 3: spec.head_dim} for _, present in names}})
         self.kv: SharedKVCache | None = None
+        self.min_rows = spec.min_rows
+        if spec.attention_rows > spec.min_rows and not self._lone_row_exact():
+            self.min_rows = 2
+            print("note: this CPU's quantized kernels compute one row differently from several; every target "
+                  "forward runs two rows so speculative output stays identical to target-only (slower)", file=sys.stderr)
+
+    def _lone_row_exact(self) -> bool:
+        """Whether a 1-row forward equals row 0 of a 2-row one bit for bit here. Quantized graphs run a lone token
+        as one row only where it does: kernels are chosen by CPU, and a quantized graph amplifies any difference
+        (export/target.py). Two forwards of an empty cache, once per session."""
+        self.start(2, 2)
+        tokens = np.arange(1, 3) % self.spec.vocab_size
+        one = self.forward(tokens[:1], np.arange(1), causal(1))[0].copy()
+        two = self.forward(tokens, np.arange(2), causal(2))[0]
+        return bool(np.array_equal(one[0], two[0]))
 
     @property
     def cached(self) -> int:
@@ -43,9 +59,9 @@ class Target:
         spec = self.spec
         if self.kv is None:
             self.kv = SharedKVCache(spec.num_layers, spec.kv_heads, spec.head_dim, capacity)
-        # A padded forward (min_rows) writes one row past the last position.
-        self.kv.reserve(capacity + spec.min_rows, keep)
-        rows = max(max_seq, PREFILL_CHUNK, spec.min_rows)
+        # A padded forward (min_rows, attention_rows) writes one row past the last position.
+        self.kv.reserve(capacity + max(self.min_rows, spec.attention_rows), keep)
+        rows = max(max_seq, PREFILL_CHUNK, self.min_rows, spec.attention_rows)
         self.logits = np.zeros((rows, spec.vocab_size), dtype=FLOAT)
         self.hidden = np.zeros((rows, spec.hidden_size), dtype=FLOAT)
         self.ids = np.zeros(rows, dtype=np.int64)
@@ -65,32 +81,33 @@ class Target:
         """Run `tokens` after the kept past; `mask` `[1, 1, S, S]` is additive among them (the past is visible).
         Returns views (logits [S, V], hidden [S, H]) valid until the next call.
 
-        Graphs with `min_rows` 2 (quantized) get a padding row when S is 1: their kernels compute one row
-        differently from several. The padding row comes last, so no real row sees it.
+        Quantized graphs get a padding row when S is 1: in their attention only (`attention_rows` 2), or in the
+        whole forward where this CPU computes a lone row differently (`min_rows`). It comes last: no real row sees it.
         """
         seq, past, spec = len(tokens), self.kv.length, self.spec
-        rows = max(seq, spec.min_rows)
-        total = past + rows
-        bias = self.bias[: rows * total].reshape(rows, total)
+        rows = max(seq, self.min_rows)
+        attention_rows = max(rows, spec.attention_rows)
+        total = past + attention_rows
+        bias = self.bias[: attention_rows * total].reshape(attention_rows, total)
         bias[:, :past] = 0.0
         bias[:, past:] = MASKED
         bias[:seq, past : past + seq] = mask[0, 0]
         self.ids[:seq] = tokens
         self.positions[:seq] = positions
-        if rows > seq:
-            pad = np.arange(seq, rows)
+        if attention_rows > seq:
+            pad = np.arange(seq, attention_rows)
             bias[pad, past + pad] = 0.0
             self.ids[seq:rows] = self.ids[seq - 1]
-            self.positions[seq:rows] = self.positions[seq - 1] + 1 + np.arange(rows - seq)
+            self.positions[seq:attention_rows] = self.positions[seq - 1] + 1 + np.arange(attention_rows - seq)
         b, ptr = self.binding, self._ptr
         if rows != self._bound_rows:
             b.bind_input("input_ids", "cpu", 0, np.int64, [1, rows], ptr["input_ids"])
-            b.bind_input("position_ids", "cpu", 0, np.int64, [1, rows], ptr["position_ids"])
+            b.bind_input("position_ids", "cpu", 0, np.int64, [1, attention_rows], ptr["position_ids"])
             b.bind_output("logits", "cpu", 0, FLOAT, [1, rows, spec.vocab_size], ptr["logits"])
             b.bind_output("hidden_states", "cpu", 0, FLOAT, [1, rows, spec.hidden_size], ptr["hidden_states"])
             self._bound_rows = rows
         b.bind_input("attention_mask", "cpu", 0, np.int64, [1, total], ptr["attention_mask"])
-        b.bind_input("attention_bias", "cpu", 0, FLOAT, [1, 1, rows, total], ptr["attention_bias"])
+        b.bind_input("attention_bias", "cpu", 0, FLOAT, [1, 1, attention_rows, total], ptr["attention_bias"])
         self.session.run_with_iobinding(b)
         return self.logits[:seq], self.hidden[:seq]
 

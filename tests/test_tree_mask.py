@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dovetail_onnx.runtime.target import Target
-from dovetail_onnx.runtime.tree import Tree
+from dovetail_onnx.runtime.tree import Tree, causal
 
 # A tree with branches at several depths: node: parent
 PARENTS = [-1, 0, 0, 1, 1, 2, 3, 3, 5, 8, 0]
@@ -14,7 +14,7 @@ PARENTS = [-1, 0, 0, 1, 1, 2, 3, 3, 5, 8, 0]
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "int8", "int4"])
 def test_every_path_matches_sequential_logits(kind, models, quantized):
     """fp32 rows may differ in the last bits (other blocking in attention and GEMMs). Quantized targets verify
-    chains and run ≥ 2 rows a forward (export/target.py): a single row or a branch would land ~0.5 apart."""
+    chains and run ≥ 2 query rows in attention (export/target.py): a lone row or a branch would land ~0.5 apart."""
     manifest = (models | quantized)[kind].manifest
     rng = np.random.default_rng(1)
     prompt = rng.integers(0, manifest.target.vocab_size, 9)
@@ -36,6 +36,35 @@ def test_every_path_matches_sequential_logits(kind, models, quantized):
             logits, _ = target.forward(tree.tokens[[node]], np.array([target.kv.length]), zero)
             target.kv.keep(np.arange(1))
             np.testing.assert_allclose(logits[0], tree_logits[node], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_lone_row_equals_row_of_two(precision, quantized):
+    """After a past, a one-token forward of a quantized graph gives row 0 of a two-token forward bit for bit:
+    the graph pads the lone query row inside its attention, and its weights' kernels run one row alike
+    (or, on a CPU where they do not, the runtime runs two rows)."""
+    manifest = quantized[precision].manifest
+    assert (manifest.target.attention_rows, manifest.target.min_rows) == (2, 1)
+    rng = np.random.default_rng(3)
+    target = Target(manifest.folder / manifest.target.file, manifest.target, threads=1)
+    target.start(64, 2)
+    target.prefill(rng.integers(0, manifest.target.vocab_size, 11))
+    past, tokens = target.kv.length, rng.integers(0, manifest.target.vocab_size, 2)
+    one = target.forward(tokens[:1], np.array([past]), np.zeros((1, 1, 1, 1), np.float32))[0].copy()
+    two = target.forward(tokens, past + np.arange(2), causal(2))[0]
+    np.testing.assert_array_equal(one[0], two[0])
+
+
+def test_quantized_target_pads_whole_forwards_where_a_lone_row_differs(quantized, monkeypatch, capsys):
+    """Where the CPU's kernels compute one row unlike several, every forward runs two rows, and it says so."""
+    monkeypatch.setattr(Target, "_lone_row_exact", lambda self: False)
+    manifest = quantized["int4"].manifest
+    target = Target(manifest.folder / manifest.target.file, manifest.target, threads=1)
+    assert target.min_rows == 2
+    assert "every target forward runs two rows" in capsys.readouterr().err
+    target.start(16, 2)
+    logits, hidden = target.forward(np.array([5]), np.array([0]), np.zeros((1, 1, 1, 1), np.float32))
+    assert logits.shape == (1, manifest.target.vocab_size)
 
 
 def test_kept_rows_continue_like_sequential(models):
