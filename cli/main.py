@@ -13,7 +13,7 @@ from dovetail_onnx.cli.options import DEPTH, MIN_PROB, SEED, TOP_K, TREE_TOKENS,
 from dovetail_onnx.cli.serve import chat, serve
 from dovetail_onnx.cli.train import train
 from dovetail_onnx.runtime.errors import DovetailError
-from dovetail_onnx.runtime.manifest import EXPORT_TREE, PRECISIONS, SIZINGS, TreeSettings
+from dovetail_onnx.runtime.manifest import EXPORT_CHAIN_DEPTH, EXPORT_TREE, PRECISIONS, SIZINGS, TreeSettings
 from dovetail_onnx.runtime.sessions import DEVICES
 
 
@@ -34,7 +34,9 @@ def main() -> None:
               help="Layers of a random drafter.")
 @click.option("--top-k", type=TOP_K, default=EXPORT_TREE.top_k, show_default=True,
               help="Default tree top-k stored in the artifact.")
-@click.option("--depth", type=DEPTH, default=EXPORT_TREE.depth, show_default=True, help="Default tree depth.")
+@click.option("--depth", type=DEPTH, default=None,
+              help=f"Default tree depth [default: {EXPORT_TREE.depth}; {EXPORT_CHAIN_DEPTH} for a quantized target, "
+                   "which verifies chains].")
 @click.option("--tree-tokens", type=TREE_TOKENS, default=EXPORT_TREE.total_tokens, show_default=True,
               help="Default tree size (root included).")
 @click.option("--min-prob", type=MIN_PROB, default=EXPORT_TREE.min_prob, show_default=True,
@@ -53,8 +55,11 @@ def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, m
            precision, tune, threads):
     """Export TARGET (a Hugging Face folder or a .gguf file) and a drafter to ONNX."""
     from dovetail_onnx.export.artifact import export_artifact  # torch lives only on this path
+    from dovetail_onnx.export.target import VERIFY
 
     output = output or Path("artifacts") / Path(target).stem
+    if depth is None:
+        depth = EXPORT_CHAIN_DEPTH if VERIFY[precision] == "chain" else EXPORT_TREE.depth
     tree = TreeSettings(top_k, depth, tree_tokens, min_prob)
     export_artifact(target, output, drafter, drafter_layers, tree, draft_vocab, cpu_drafter, precision)
     if tune:

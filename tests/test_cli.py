@@ -13,6 +13,7 @@ from clirun import edited_artifact, fails
 from dovetail_onnx.cli.main import main
 from dovetail_onnx.runtime import Model
 from dovetail_onnx.runtime.bench import tune_tree, tuning_trees
+from dovetail_onnx.runtime.manifest import EXPORT_CHAIN_DEPTH
 
 # Blocks the build-side packages the way a deploy machine lacks them: any import raises ImportError.
 NO_TORCH = (
@@ -253,3 +254,15 @@ def test_serve_without_fastapi_says_what_to_install(artifacts):
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert run.returncode == 1 and "pip install 'dovetail-onnx[serve]'" in run.stderr
+
+
+def test_quantized_export_stores_a_short_chain_unless_told(hf_dirs, tmp_path):
+    """A chain row costs about as much as a target-only token on a quantized CPU target, so its default chain is
+    short (EXPORT_CHAIN_DEPTH); an explicit --depth is kept."""
+    for args, depth in (([], EXPORT_CHAIN_DEPTH), (["--depth", "5"], 5)):
+        folder = tmp_path / f"int8-{depth}"
+        result = CliRunner().invoke(main, ["export", str(hf_dirs["llama"]), "-o", str(folder), "--drafter", "random",
+                                           "--precision", "int8", "--no-cpu-drafter", *args])
+        assert result.exit_code == 0, result.output
+        tree = Model(folder, draft_device="cpu").manifest.tree
+        assert (tree.top_k, tree.depth, tree.total_tokens) == (1, depth, depth + 1)
