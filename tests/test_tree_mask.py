@@ -63,7 +63,7 @@ def test_quantized_target_pads_whole_forwards_where_a_lone_row_differs(quantized
     assert target.min_rows == 2
     assert "every target forward runs two rows" in capsys.readouterr().err
     target.start(16, 2)
-    logits, hidden = target.forward(np.array([5]), np.array([0]), np.zeros((1, 1, 1, 1), np.float32))
+    logits, _ = target.forward(np.array([5]), np.array([0]), np.zeros((1, 1, 1, 1), np.float32))
     assert logits.shape == (1, manifest.target.vocab_size)
 
 
