@@ -32,6 +32,10 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
               help="Weight of the smooth-L1 regression onto the target's next feature.")
 @click.option("--init", "init_from", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Start from this drafter folder's weights (e.g. the shipped one) instead of random ones.")
+@click.option("--teacher", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Take answers and features from this artifact's target graph (exported from TARGET, e.g. with "
+                   "--precision int4) instead of the PyTorch model: a quantized target's drafter learns what that "
+                   "target says. Its data is cached apart.")
 @click.option("--distill-prompts", type=click.IntRange(0), default=1000, show_default=True,
               help="User prompts the target answers greedily (self-distillation).")
 @click.option("--distill-skip", type=click.IntRange(0), default=0, show_default=True,
@@ -57,10 +61,10 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
               help="Make no new self-distilled answers: train on the range's cached chunks (teacher-forced text is "
                    "still made), e.g. while other processes make the rest.")
 @click.option("--data-only", is_flag=True, help="Make (or extend) the cached data, then stop before training.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads [default: torch's choice].")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads, and the --teacher graph's [default: each library's choice].")
 @click.option("--seed", type=int, default=0, show_default=True)
 def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unroll, ce_weight, regression_weight,
-          init_from, distill_prompts, distill_skip, mix, max_new_tokens,
+          init_from, teacher, distill_prompts, distill_skip, mix, max_new_tokens,
           text_tokens, seq_len, weights, draft_vocab, cache, resume, cached_answers, data_only, threads, seed):
     """Train a drafter for TARGET (a Hugging Face folder or a .gguf file) on the target's own outputs."""
     # Every batch has a new shape, and oneDNN caches compiled kernels per shape (1,024 by default): on
@@ -71,6 +75,7 @@ def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unro
     from dovetail_onnx.export.data import DataSettings, describe, make_data
     from dovetail_onnx.export.drafter import load_drafter, save_drafter
     from dovetail_onnx.export.load import load_target
+    from dovetail_onnx.export.teacher import ArtifactTeacher
     from dovetail_onnx.export.train import TrainSettings, metrics_json, train_drafter
 
     if threads:
@@ -79,7 +84,8 @@ def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unro
     model, tokenizer = load_target(target)
     data = DataSettings(distill_prompts=distill_prompts, distill_skip=distill_skip, mix=mix,
                         max_new_tokens=max_new_tokens, text_tokens=text_tokens, seq_len=seq_len, seed=seed)
-    sequences = make_data(model, tokenizer, cache, data, answer=not cached_answers)
+    artifact = ArtifactTeacher(teacher, model, tokenizer, threads) if teacher else None
+    sequences = make_data(model, tokenizer, cache, data, answer=not cached_answers, teacher=artifact)
     data_s = time.perf_counter() - started
     click.echo(f"data: {describe(sequences)} ({data_s:.0f} s)", err=True)
     if data_only:
@@ -91,6 +97,7 @@ def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unro
     checkpoint = Path(cache) / "checkpoints" / f"{Path(output).resolve().name}-{fusion}-{layers}.pt"
     drafter, metrics = train_drafter(model, tokenizer, sequences, settings, checkpoint, resume, init=init)
     drafter.config.draft_vocab_size = draft_vocab
+    drafter.config.teacher_precision = artifact.precision if artifact else "fp32"
     save_drafter(drafter, Path(output), weights)
     metrics.extra |= {"data_seconds": round(data_s, 1), "total_seconds": round(time.perf_counter() - started, 1)}
     click.echo(metrics_json(metrics))

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dovetail_onnx.export.drafter import Drafter, load_drafter, random_drafter, target_fingerprint
+from dovetail_onnx.export.drafter import Drafter, load_drafter, random_drafter, target_fingerprint, target_source
 from dovetail_onnx.export.drafter_export import export_drafter, quantize_int8
 from dovetail_onnx.export.load import load_target
 from dovetail_onnx.export.target import export_target
@@ -50,6 +50,7 @@ def build_manifest(model, tokenizer, target: GraphSpec, drafter: Drafter, tree: 
         "context_length": c.max_position_embeddings,
         "tree": asdict(tree),
         "drafter_target": d.target,
+        "source": target_source(model, tokenizer),
         "sha256": {name: sha256_of(folder / name) for name in files},
     }
 
@@ -68,7 +69,7 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
     with console.status("loading target") as status:
         model, tokenizer = load_target(target)
         status.update("preparing drafter")
-        draft = make_drafter(drafter, drafter_layers, model, tokenizer, console)
+        draft = make_drafter(drafter, drafter_layers, model, tokenizer, console, precision)
         out.mkdir(parents=True, exist_ok=True)
         # Until the new manifest is written the folder is no artifact: an interrupted export is never
         # mistaken for a whole one, nor an old manifest paired with half-written graphs.
@@ -93,12 +94,17 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
     return manifest
 
 
-def shipped_drafter(model, tokenizer) -> Path:
-    """The drafter shipped in this package that was trained for this very target."""
+def shipped_drafter(model, tokenizer, precision: str = "fp32") -> Path:
+    """The drafter shipped in this package that was trained for this very target: the one distilled from a target
+    of this precision if there is one, else the one distilled from fp32."""
     fingerprint = target_fingerprint(model, tokenizer)
+    made = {}
     for config in sorted(SHIPPED.glob("*/config.json")):
-        if json.loads(config.read_text()).get("target") == fingerprint:
-            return config.parent
+        raw = json.loads(config.read_text())
+        if raw.get("target") == fingerprint:
+            made.setdefault(raw.get("teacher_precision", "fp32"), config.parent)
+    if found := made.get(precision) or made.get("fp32"):
+        return found
     raise DovetailError(
         f"no shipped drafter matches this target ({fingerprint['architecture']}, hidden {fingerprint['hidden_size']}, "
         f"vocab {fingerprint['vocab_size']}); train one with `dovetail-onnx train TARGET -o DIR` and pass "
@@ -106,9 +112,9 @@ def shipped_drafter(model, tokenizer) -> Path:
     )
 
 
-def make_drafter(spec: str | None, layers: int, model, tokenizer, console: Console) -> Drafter:
+def make_drafter(spec: str | None, layers: int, model, tokenizer, console: Console, precision: str = "fp32") -> Drafter:
     if spec is None:
-        folder = shipped_drafter(model, tokenizer)
+        folder = shipped_drafter(model, tokenizer, precision)
         console.print(f"drafter: shipped {folder.name}")
         return load_drafter(folder, model, tokenizer)
     if spec == "random":

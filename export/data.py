@@ -34,7 +34,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
-from dovetail_onnx.export.drafter import target_fingerprint
+from dovetail_onnx.export.drafter import target_source
+from dovetail_onnx.export.teacher import ArtifactTeacher
 from dovetail_onnx.runtime.errors import DovetailError
 
 KINDS = ("distill", "text")
@@ -399,14 +400,18 @@ def load_shard(path: Path) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
 
 
 def make_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: Path,
-              settings: DataSettings = DataSettings(), progress: bool = True, answer: bool = True) -> list[Sequence]:
+              settings: DataSettings = DataSettings(), progress: bool = True, answer: bool = True,
+              teacher: ArtifactTeacher | None = None) -> list[Sequence]:
     """Build the chunks of data this target and these settings still lack, then load them all.
 
     `answer=False` makes no self-distilled chunk (the costly part): the range's cached ones are used, missing ones
     left out, so training can start on what other processes or sessions have made so far.
+    `teacher`: an exported target that answers and gives features in the model's place (export/teacher.py);
+    its data has a cache of its own.
     """
     torch.manual_seed(settings.seed)
-    folder = Path(cache) / settings.key(target_fingerprint(model, tokenizer) | {"weights": weights_digest(model)})
+    key = target_source(model, tokenizer) | ({"teacher": teacher.digest} if teacher else {})
+    folder = Path(cache) / settings.key(key)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "settings.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
     eos = {i for i in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if i is not None}
@@ -431,7 +436,8 @@ def make_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache:
         fits = sorted((p for p in chunk if len(p) + settings.max_new_tokens <= settings.seq_len), key=len)
         rows = []
         for batch in batched(fits, settings.distill_batch):
-            rows += greedy_answers(model, batch, settings.max_new_tokens, eos, pad)
+            rows += (teacher.greedy_answers(batch, settings.max_new_tokens) if teacher
+                     else greedy_answers(model, batch, settings.max_new_tokens, eos, pad))
             bar.update(len(batch))
         bar.update(len(chunk) - len(fits))
         if rows:
@@ -444,7 +450,7 @@ def make_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache:
     for i, chunk in todo:
         rows = []
         for batch in batched(sorted(chunk, key=len), settings.text_batch):
-            rows += text_features(model, batch)
+            rows += teacher.text_features(batch) if teacher else text_features(model, batch)
             bar.update(len(batch))
         save_shard(folder / f"text-{i:05d}.st", rows, [0] * len(rows))
     bar.close()
@@ -460,15 +466,6 @@ def load_data(folder: Path, settings: DataSettings, distill_chunks: range, text_
         for n, (ids, features, start) in enumerate(rows):
             sequences.append(Sequence(ids, features, kind, start, heldout=n % settings.heldout_every == 0))
     return sequences
-
-
-def weights_digest(model: PreTrainedModel) -> str:
-    """Tell apart fine-tunes that share architecture and vocabulary (a few tensors suffice)."""
-    digest = hashlib.sha256()
-    for name, tensor in list(model.state_dict().items())[:4] + list(model.state_dict().items())[-2:]:
-        digest.update(name.encode())
-        digest.update(tensor.float().flatten()[:65536].numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def describe(sequences: list[Sequence]) -> dict:

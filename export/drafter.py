@@ -46,6 +46,9 @@ class DrafterConfig:
     # Tokens the exported head scores (0: all). On a CPU the vocabulary-wide head dominates a draft
     # step; the most frequent tokens of the target's own outputs keep almost all of the acceptance.
     draft_vocab_size: int = 0
+    # The precision of the target graph whose answers and features it was distilled from (`train --teacher`):
+    # an int4 target says other things than fp32, so export prefers a shipped drafter made for its precision.
+    teacher_precision: str = "fp32"
 
     @classmethod
     def for_target(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fusion: str, num_layers: int):
@@ -98,6 +101,20 @@ def target_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         "vocab_size": model.config.vocab_size,
         "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
     }
+
+
+def weights_digest(model: PreTrainedModel) -> str:
+    """Tell apart fine-tunes that share architecture and vocabulary (a few tensors suffice)."""
+    digest = hashlib.sha256()
+    for name, tensor in list(model.state_dict().items())[:4] + list(model.state_dict().items())[-2:]:
+        digest.update(name.encode())
+        digest.update(tensor.float().flatten()[:65536].numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def target_source(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Which model an artifact was exported from (its manifest's `source`): a teacher must be that very model."""
+    return target_fingerprint(model, tokenizer) | {"weights": weights_digest(model)}
 
 
 class Drafter(nn.Module):

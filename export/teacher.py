@@ -1,0 +1,73 @@
+"""An exported target as the drafter's teacher: answers and features from the graph the drafter will serve.
+
+By default the PyTorch model makes the training data (export/data.py). A quantized target is its own model:
+int4 SmolLM2 keeps to fp32's greedy answer for 2.4 tokens on average (README), so a drafter distilled from fp32
+proposes what the int4 target no longer says. This teacher runs the artifact's target graph through the
+runtime's own `Target`, so its answers are exactly the artifact's target-only output and its features exactly
+what the runtime hands the drafter. The graph takes one sequence at a time (batch 1, KV in place).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dovetail_onnx.export.drafter import target_source
+from dovetail_onnx.runtime.buffers import PREFILL_CHUNK
+from dovetail_onnx.runtime.errors import DovetailError
+from dovetail_onnx.runtime.manifest import MANIFEST, load_manifest
+from dovetail_onnx.runtime.target import Target
+
+ONE_ROW = np.zeros((1, 1, 1, 1), dtype=np.float32)  # a lone new token sees the whole past
+
+
+class ArtifactTeacher:
+    """The target graph of an artifact exported from the model being trained for (refused otherwise)."""
+
+    def __init__(self, folder: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 threads: int | None = None):
+        manifest = load_manifest(folder)
+        source = json.loads((manifest.folder / MANIFEST).read_text()).get("source")
+        if source is None:
+            raise DovetailError(f"teacher artifact {folder} does not record the model it was exported from (an older "
+                                "export); export it again from this target")
+        ours = target_source(model, tokenizer)
+        if wrong := [key for key in ours if source.get(key) != ours[key]]:
+            raise DovetailError(f"teacher artifact {folder} was exported from another model ({wrong[0]}: "
+                                f"{source.get(wrong[0])} vs {ours[wrong[0]]}); pass an artifact exported from this target")
+        spec = manifest.target
+        self.target = Target(manifest.folder / spec.file, spec, threads)
+        self.eos = set(manifest.eos_token_ids)
+        self.precision = spec.precision
+        graph = {name: manifest.checksums[name] for name in (spec.file, f"{spec.file}.data") if name in manifest.checksums}
+        self.digest = hashlib.sha256(json.dumps(graph, sort_keys=True).encode()).hexdigest()[:16]
+
+    def greedy_answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each prompt's greedy answer, as (prompt + answer ids, the final hidden state of each), like
+        data.greedy_answers: the last answer token (EOS or the cap) is run once more so its feature is known too."""
+        rows, target = [], self.target
+        for prompt in prompts:
+            target.start(len(prompt) + max_new_tokens + 1, PREFILL_CHUNK)
+            logits, prompt_features = target.prefill(np.array(prompt, dtype=np.int64))
+            answer, features = [], [prompt_features]
+            while len(answer) < max_new_tokens and (not answer or answer[-1] not in self.eos):
+                answer.append(int(logits.argmax()))
+                step_logits, hidden = target.forward(np.array(answer[-1:]), np.array([target.kv.length]), ONE_ROW)
+                target.kv.keep(np.arange(1))
+                logits = step_logits[0].copy()
+                features.append(hidden.copy())
+            rows.append((torch.tensor(prompt + answer), torch.from_numpy(np.concatenate(features)).half()))
+        return rows
+
+    def text_features(self, windows: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Teacher-forced final hidden states of each window."""
+        rows = []
+        for window in windows:
+            self.target.start(len(window), PREFILL_CHUNK)
+            _, features = self.target.prefill(np.array(window, dtype=np.int64))
+            rows.append((torch.tensor(window), torch.from_numpy(features).half()))
+        return rows
