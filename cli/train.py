@@ -61,7 +61,8 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
               help="Make no new self-distilled answers: train on the range's cached chunks (teacher-forced text is "
                    "still made), e.g. while other processes make the rest.")
 @click.option("--data-only", is_flag=True, help="Make (or extend) the cached data, then stop before training.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads, and the --teacher graph's [default: each library's choice].")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Torch threads, and the --teacher graph's [default: each library's choice].")
 @click.option("--seed", type=int, default=0, show_default=True)
 def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unroll, ce_weight, regression_weight,
           init_from, teacher, distill_prompts, distill_skip, mix, max_new_tokens,

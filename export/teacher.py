@@ -38,27 +38,30 @@ class ArtifactTeacher:
         ours = target_source(model, tokenizer)
         if wrong := [key for key in ours if source.get(key) != ours[key]]:
             raise DovetailError(f"teacher artifact {folder} was exported from another model ({wrong[0]}: "
-                                f"{source.get(wrong[0])} vs {ours[wrong[0]]}); pass an artifact exported from this target")
+                                f"{source.get(wrong[0])} vs {ours[wrong[0]]}); pass an artifact exported from this "
+                                "target")
         spec = manifest.target
         self.target = Target(manifest.folder / spec.file, spec, threads)
         self.eos = set(manifest.eos_token_ids)
         self.precision = spec.precision
-        graph = {name: manifest.checksums[name] for name in (spec.file, f"{spec.file}.data") if name in manifest.checksums}
+        graph = {name: manifest.checksums[name] for name in (spec.file, f"{spec.file}.data")
+                 if name in manifest.checksums}
         self.digest = hashlib.sha256(json.dumps(graph, sort_keys=True).encode()).hexdigest()[:16]
 
     def greedy_answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each prompt's greedy answer, as (prompt + answer ids, the final hidden state of each), like
         data.greedy_answers: the last answer token (EOS or the cap) is run once more so its feature is known too."""
-        rows, target = [], self.target
+        rows, target, first = [], self.target, np.arange(1)
         for prompt in prompts:
             target.start(len(prompt) + max_new_tokens + 1, PREFILL_CHUNK)
             logits, prompt_features = target.prefill(np.array(prompt, dtype=np.int64))
             answer, features = [], [prompt_features]
             while len(answer) < max_new_tokens and (not answer or answer[-1] not in self.eos):
                 answer.append(int(logits.argmax()))
+                # The next forward overwrites its outputs in place: the argmax above is taken first, features copied.
                 step_logits, hidden = target.forward(np.array(answer[-1:]), np.array([target.kv.length]), ONE_ROW)
-                target.kv.keep(np.arange(1))
-                logits = step_logits[0].copy()
+                target.kv.keep(first)
+                logits = step_logits[0]
                 features.append(hidden.copy())
             rows.append((torch.tensor(prompt + answer), torch.from_numpy(np.concatenate(features)).half()))
         return rows
