@@ -13,7 +13,8 @@ from dovetail_onnx.cli.options import DEPTH, MIN_PROB, SEED, TOP_K, TREE_TOKENS,
 from dovetail_onnx.cli.serve import chat, serve
 from dovetail_onnx.cli.train import train
 from dovetail_onnx.runtime.errors import DovetailError
-from dovetail_onnx.runtime.manifest import EXPORT_CHAIN_DEPTH, EXPORT_TREE, PRECISIONS, SIZINGS, TreeSettings
+from dovetail_onnx.runtime.manifest import BLOCK_SIZES, DEFAULT_BLOCK_SIZES, EXPORT_CHAIN_DEPTH, EXPORT_TREE, PRECISIONS, \
+    SIZINGS, TreeSettings
 from dovetail_onnx.runtime.sessions import DEVICES
 
 
@@ -48,11 +49,14 @@ def main() -> None:
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Target weights: fp32, or int8/int4 MatMulNBits (a quantized target is its own model: speculative "
                    "output equals that artifact's target-only output).")
+@click.option("--block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]),
+              help="Weights per quantization scale of an int8/int4 target; larger runs faster, a little less like "
+                   "fp32 [default: " + ", ".join(f"{b} for {p}" for p, b in DEFAULT_BLOCK_SIZES.items()) + "].")
 @click.option("--tune", is_flag=True,
               help="Then time a few trees on this machine and store the fastest as the default (about a minute).")
 @click.option("--threads", type=Threads(), help="Threads for --tune, at most the cores.")
 def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, min_prob, draft_vocab, cpu_drafter,
-           precision, tune, threads):
+           precision, block_size, tune, threads):
     """Export TARGET (a Hugging Face folder or a .gguf file) and a drafter to ONNX."""
     from dovetail_onnx.export.artifact import export_artifact  # torch lives only on this path
     from dovetail_onnx.export.target import VERIFY
@@ -61,7 +65,8 @@ def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, m
     if depth is None:
         depth = EXPORT_CHAIN_DEPTH if VERIFY[precision] == "chain" else EXPORT_TREE.depth
     tree = TreeSettings(top_k, depth, tree_tokens, min_prob)
-    export_artifact(target, output, drafter, drafter_layers, tree, draft_vocab, cpu_drafter, precision)
+    export_artifact(target, output, drafter, drafter_layers, tree, draft_vocab, cpu_drafter, precision,
+                    block_size=int(block_size) if block_size else None)
     if tune:
         from rich.console import Console
         from rich.progress import Progress

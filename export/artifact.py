@@ -57,13 +57,17 @@ def build_manifest(model, tokenizer, target: GraphSpec, drafter: Drafter, tree: 
 
 def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_layers: int = 1,
                     tree: TreeSettings = EXPORT_TREE, draft_vocab: int | None = None,
-                    cpu_drafter: bool = True, precision: str = "fp32", console: Console | None = None) -> dict:
+                    cpu_drafter: bool = True, precision: str = "fp32", console: Console | None = None,
+                    block_size: int | None = None) -> dict:
     """Write target.onnx, drafter.onnx (+ drafter.int8.onnx), tokenizer files and dovetail.json into `out`.
 
     `draft_vocab`: tokens the drafter's head scores (0: all; None: the drafter's own setting).
     `cpu_drafter`: also write the int8 drafter the runtime uses when the drafter runs on a CPU.
-    `precision`: the target's weights, fp32, int8 or int4 (see export/target.py).
+    `precision`: the target's weights, fp32, int8 or int4 (see export/target.py); `block_size`: a quantized
+    target's weights per scale.
     """
+    if block_size is not None and precision == "fp32":
+        raise DovetailError("--block-size applies to quantized targets; add --precision int8 or int4, or drop it")
     console = console or Console(stderr=True)
     started = time.perf_counter()
     with console.status("loading target") as status:
@@ -75,7 +79,7 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
         # mistaken for a whole one, nor an old manifest paired with half-written graphs.
         (out / MANIFEST).unlink(missing_ok=True)
         status.update(f"building target.onnx ({precision}) and checking it")
-        target_graph = export_target(model, tokenizer, out / "target.onnx", precision)
+        target_graph = export_target(model, tokenizer, out / "target.onnx", precision, block_size)
         if target_graph.verify == "chain":
             tree = replace(tree, top_k=1, total_tokens=min(tree.total_tokens, tree.depth + 1))
         status.update("exporting drafter.onnx")

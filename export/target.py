@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dovetail_onnx.runtime.errors import DovetailError
-from dovetail_onnx.runtime.manifest import GraphSpec
+from dovetail_onnx.runtime.manifest import DEFAULT_BLOCK_SIZES, GraphSpec
 from dovetail_onnx.runtime.target import Target
 from dovetail_onnx.runtime.tree import MASKED, Tree, causal
 
@@ -34,9 +34,10 @@ BUILDER_OPTIONS = {"fp32": [], "int8": ["accuracy_level=4"], "int4": ["accuracy_
 # - GroupQueryAttention computes a lone query row by another GEMM path (MLAS's one-row kernel) than several, 2e-7
 #   apart, while rows of a 2- to 16-row call agree bit for bit. So the quantized graph's attention always runs at
 #   least two rows: a lone row is doubled inside the graph and the copy dropped after attention
-#   (`pad_lone_query`; the runtime passes positions and bias for `attention_rows`). The MatMulNBits rows
-#   themselves are bit-identical for 1 and for several rows (measured per SmolLM2 shape, bits 4 and 8), so the
-#   rest of the graph runs one row, and the runtime checks that on its CPU before relying on it (Target);
+#   (`pad_lone_query`; the runtime passes positions and bias for `attention_rows`). At block 32 the MatMulNBits rows
+#   themselves are bit-identical for any row count (measured per SmolLM2 shape, bits 4 and 8), so the rest of the
+#   graph runs one row; at block 128 an odd last row takes another path. Kernels are chosen by CPU, so the runtime
+#   finds the row multiple that is exact on its CPU before relying on it (Target.row_step);
 # - a tree row whose attention skips other branches' keys sums in another order than sequential decoding:
 #   quantized targets verify chains (top_k 1), whose rows are bit-identical to sequential decoding.
 ATTENTION_ROWS = {"fp32": 1, "int8": 2, "int4": 2}
@@ -51,16 +52,21 @@ def dims_of(config) -> tuple[int, int, int]:
     return config.num_attention_heads, config.num_key_value_heads, head_dim
 
 
-def target_spec(model: PreTrainedModel, precision: str) -> GraphSpec:
+def target_spec(model: PreTrainedModel, precision: str, block_size: int | None = None) -> GraphSpec:
     c = model.config
     _, kv_heads, head_dim = dims_of(c)
     return GraphSpec(file="target.onnx", num_layers=c.num_hidden_layers, kv_heads=kv_heads,
                      kv_width=kv_heads * head_dim, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
-                     precision=precision, attention_rows=ATTENTION_ROWS[precision], verify=VERIFY[precision])
+                     precision=precision, attention_rows=ATTENTION_ROWS[precision], verify=VERIFY[precision],
+                     block_size=None if precision == "fp32" else block_size or DEFAULT_BLOCK_SIZES[precision])
 
 
-def export_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, precision: str) -> GraphSpec:
-    """Write `path` (+ `.data`), check it, and return its manifest entry."""
+def export_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, precision: str,
+                  block_size: int | None = None) -> GraphSpec:
+    """Write `path` (+ `.data`), check it, and return its manifest entry. `block_size`: weights per scale of a
+    quantized target (default: DEFAULT_BLOCK_SIZES); fp32 takes none."""
+    spec = target_spec(model, precision, block_size)
+    quantized = [f"block_size={spec.block_size}"] if spec.block_size else []
     if importlib.util.find_spec("onnxruntime_genai") is None:
         raise DovetailError("export needs onnxruntime-genai's model builder; run `pip install "
                             "onnxruntime-genai-cuda==0.18.0` (the -cuda build installs beside onnxruntime-gpu)")
@@ -70,12 +76,11 @@ def export_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pa
         tokenizer.save_pretrained(source)
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(built),
                    "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache"),
-                   "--extra_options", "include_hidden_states=true", *BUILDER_OPTIONS[precision]]
+                   "--extra_options", "include_hidden_states=true", *BUILDER_OPTIONS[precision], *quantized]
         run = subprocess.run(command, capture_output=True, text=True)
         if run.returncode:
             last = (run.stderr.strip() or run.stdout.strip() or "no output").splitlines()[-1]
             raise DovetailError(f"onnxruntime-genai's model builder failed ({last}); report the model and versions")
-        spec = target_spec(model, precision)
         adapt_graph(built / "model.onnx", path, spec.head_dim, spec.attention_rows)
     validate_target(model, path, spec)
     return spec
@@ -143,7 +148,8 @@ def pad_lone_query(g: onnx.GraphProto) -> None:
 
 def validate_target(model: PreTrainedModel, path: Path, spec: GraphSpec, prompt_len: int = 12) -> float:
     """A prefill and a tree step (two branches; a chain for chain-verifying targets) on the graph: every row
-    must equal sequential decoding of its root path, and in fp32 the logits must equal PyTorch's."""
+    must equal sequential decoding of its root path (bit for bit when quantized), and in fp32 the logits must
+    equal PyTorch's."""
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, spec.vocab_size, (prompt_len,), generator=generator).numpy()
     shape = [-1, 0, 0, 2] if spec.verify == "tree" else [-1, 0, 1, 2]
@@ -163,10 +169,12 @@ def validate_target(model: PreTrainedModel, path: Path, spec: GraphSpec, prompt_
     if spec.precision == "fp32":
         errors += _against_pytorch(model, prompt, tree, prefill_logits, tree_logits)
     worst = float(max(errors))
-    if not worst <= LOGIT_TOLERANCE:
+    # A quantized target's rows must equal its sequential decoding exactly: its speculative output is its own.
+    tolerance = LOGIT_TOLERANCE if spec.precision == "fp32" else 0.0
+    if not worst <= tolerance:
         raise DovetailError(
             f"exported target disagrees with {'PyTorch' if spec.precision == 'fp32' else 'sequential decoding'}: "
-            f"max |Δlogit| {worst:.2e} > {LOGIT_TOLERANCE:g}; report the model and versions"
+            f"max |Δlogit| {worst:.2e} > {tolerance:g}; report the model and versions"
         )
     return worst
 

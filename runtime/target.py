@@ -7,9 +7,13 @@ from pathlib import Path
 import numpy as np
 
 from dovetail_onnx.runtime.buffers import FLOAT, PREFILL_CHUNK, SharedKVCache
+from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.manifest import GraphSpec
 from dovetail_onnx.runtime.sessions import check_io, open_session
 from dovetail_onnx.runtime.tree import MASKED, causal
+
+ROW_STEPS = (1, 2, 4)  # row multiples tried, fewest padding rows first
+CHECKED_ROWS = 8  # chain forwards of 1..8 rows are checked against sequential decoding
 
 
 class Target:
@@ -29,21 +33,44 @@ class Target:
                  {"logits": {-1: spec.vocab_size}, "hidden_states": {-1: spec.hidden_size},
                   **{present: {1: spec.kv_heads, 3: spec.head_dim} for _, present in names}})
         self.kv: SharedKVCache | None = None
-        self.min_rows = spec.min_rows
-        if spec.attention_rows > spec.min_rows and not self._lone_row_exact():
-            self.min_rows = 2
-            print("note: this CPU's quantized kernels compute one row differently from several; every target "
-                  "forward runs two rows so speculative output stays identical to target-only (slower)", file=sys.stderr)
+        # Every forward runs a multiple of this many rows (padding rows come last): a quantized kernel may compute a
+        # row differently by where it falls among the call's rows, and speculative output must stay target-only's.
+        self.row_step = spec.min_rows
+        if spec.precision != "fp32":
+            self.row_step = self._exact_row_step()
+            if self.row_step > 1:
+                print(f"note: this CPU's quantized kernels compute a row differently by how many rows run with it; "
+                      f"every target forward runs a multiple of {self.row_step} rows so speculative output stays "
+                      "identical to target-only", file=sys.stderr)
 
-    def _lone_row_exact(self) -> bool:
-        """Whether a 1-row forward equals row 0 of a 2-row one bit for bit here. Quantized graphs run a lone token
-        as one row only where it does: kernels are chosen by CPU, and a quantized graph amplifies any difference
-        (export/target.py). Two forwards of an empty cache, once per session."""
-        self.start(2, 2)
-        tokens = np.arange(1, 3) % self.spec.vocab_size
-        one = self.forward(tokens[:1], np.arange(1), causal(1))[0].copy()
-        two = self.forward(tokens, np.arange(2), causal(2))[0]
-        return bool(np.array_equal(one[0], two[0]))
+    def _exact_row_step(self) -> int:
+        """The least row multiple at which every row of a chain forward equals sequential decoding bit for bit on
+        this CPU. Kernels are chosen by CPU, and a quantized graph amplifies any 1e-7 difference (export/target.py):
+        on an AVX-512 EPYC, int4 at block 32 runs any row count alike, while at block 128 an odd last row takes
+        another path. About 40 small forwards over an empty cache, once per session."""
+        tokens = np.arange(1, CHECKED_ROWS + 1) % self.spec.vocab_size
+        for step in (step for step in ROW_STEPS if step >= self.spec.min_rows):
+            self.row_step = step
+            if self._chains_exact(tokens):
+                return step
+        raise DovetailError("this CPU's quantized kernels compute a row differently by how many rows run with it, "
+                            "so speculative output could differ from target-only; re-export with another "
+                            "--block-size or --precision fp32")
+
+    def _chains_exact(self, tokens: np.ndarray) -> bool:
+        """Whether every row of a chain forward of 1..n `tokens` equals their sequential decoding bit for bit."""
+        self.start(len(tokens), len(tokens))
+        sequential = []
+        for i in range(len(tokens)):
+            sequential.append(self.forward(tokens[i : i + 1], np.array([i]), causal(1))[0][0].copy())
+            self.kv.keep(np.arange(1))
+        for rows in range(1, len(tokens) + 1):
+            self.kv.length = 0
+            logits = self.forward(tokens[:rows], np.arange(rows), causal(rows))[0]
+            if not all(np.array_equal(logits[i], sequential[i]) for i in range(rows)):
+                return False
+        self.kv.length = 0
+        return True
 
     @property
     def cached(self) -> int:
@@ -59,9 +86,9 @@ class Target:
         spec = self.spec
         if self.kv is None:
             self.kv = SharedKVCache(spec.num_layers, spec.kv_heads, spec.head_dim, capacity)
-        # A padded forward (min_rows, attention_rows) writes one row past the last position.
-        self.kv.reserve(capacity + max(self.min_rows, spec.attention_rows), keep)
-        rows = max(max_seq, PREFILL_CHUNK, self.min_rows, spec.attention_rows)
+        # A padded forward (row_step, attention_rows) writes a few rows past the last position.
+        self.kv.reserve(capacity + max(self.row_step, spec.attention_rows), keep)
+        rows = self.padded(max(max_seq, PREFILL_CHUNK, spec.attention_rows))
         self.logits = np.zeros((rows, spec.vocab_size), dtype=FLOAT)
         self.hidden = np.zeros((rows, spec.hidden_size), dtype=FLOAT)
         self.ids = np.zeros(rows, dtype=np.int64)
@@ -81,11 +108,11 @@ class Target:
         """Run `tokens` after the kept past; `mask` `[1, 1, S, S]` is additive among them (the past is visible).
         Returns views (logits [S, V], hidden [S, H]) valid until the next call.
 
-        Quantized graphs get a padding row when S is 1: in their attention only (`attention_rows` 2), or in the
-        whole forward where this CPU computes a lone row differently (`min_rows`). It comes last: no real row sees it.
+        Quantized graphs get padding rows: in their attention when S is 1 (`attention_rows` 2), and in the whole
+        forward up to a multiple of `row_step`. They come last: no real row sees them.
         """
         seq, past, spec = len(tokens), self.kv.length, self.spec
-        rows = max(seq, self.min_rows)
+        rows = self.padded(seq)
         attention_rows = max(rows, spec.attention_rows)
         total = past + attention_rows
         bias = self.bias[: attention_rows * total].reshape(attention_rows, total)
@@ -110,6 +137,9 @@ class Target:
         b.bind_input("attention_bias", "cpu", 0, FLOAT, [1, 1, attention_rows, total], ptr["attention_bias"])
         self.session.run_with_iobinding(b)
         return self.logits[:seq], self.hidden[:seq]
+
+    def padded(self, rows: int) -> int:
+        return -(-rows // self.row_step) * self.row_step
 
     def prefill(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Process `tokens` after the kept past; returns (last logits [V], hidden states of every one of them [n, H])."""

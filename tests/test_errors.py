@@ -282,6 +282,12 @@ def test_unknown_architecture(tmp_path):
     fails(["export", str(tmp_path / "gpt2"), "-o", str(tmp_path / "out")], "unsupported architecture")
 
 
+def test_block_size_needs_a_quantized_target(hf_dirs, tmp_path):
+    fails(["export", str(hf_dirs["llama"]), "-o", str(tmp_path / "out"), "--block-size", "128"],
+          "--block-size applies to quantized targets")
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_target(tmp_path):
     fails(["export", str(tmp_path / "none"), "-o", str(tmp_path / "out")], "target not found")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.target import Target
 from dovetail_onnx.runtime.tree import Tree, causal
 
@@ -42,7 +43,7 @@ def test_every_path_matches_sequential_logits(kind, models, quantized):
 def test_quantized_lone_row_equals_row_of_two(precision, quantized):
     """After a past, a one-token forward of a quantized graph gives row 0 of a two-token forward bit for bit:
     the graph pads the lone query row inside its attention, and its weights' kernels run one row alike
-    (or, on a CPU where they do not, the runtime runs two rows)."""
+    (or, on a CPU where they do not, the runtime pads every forward to an exact row multiple)."""
     manifest = quantized[precision].manifest
     assert (manifest.target.attention_rows, manifest.target.min_rows) == (2, 1)
     rng = np.random.default_rng(3)
@@ -55,16 +56,25 @@ def test_quantized_lone_row_equals_row_of_two(precision, quantized):
     np.testing.assert_array_equal(one[0], two[0])
 
 
-def test_quantized_target_pads_whole_forwards_where_a_lone_row_differs(quantized, monkeypatch, capsys):
-    """Where the CPU's kernels compute one row unlike several, every forward runs two rows, and it says so."""
-    monkeypatch.setattr(Target, "_lone_row_exact", lambda self: False)
+def test_quantized_target_pads_forwards_to_the_row_multiple_that_is_exact(quantized, monkeypatch, capsys):
+    """Where the CPU's kernels compute a row by how many run with it (int4 at block 128 on an AVX-512 EPYC: an odd
+    last row), every forward runs a multiple of the least row count that is exact, and it says so."""
+    monkeypatch.setattr(Target, "_chains_exact", lambda self, tokens: self.row_step >= 2)
     manifest = quantized["int4"].manifest
     target = Target(manifest.folder / manifest.target.file, manifest.target, threads=1)
-    assert target.min_rows == 2
-    assert "every target forward runs two rows" in capsys.readouterr().err
-    target.start(16, 2)
-    logits, _ = target.forward(np.array([5]), np.array([0]), np.zeros((1, 1, 1, 1), np.float32))
-    assert logits.shape == (1, manifest.target.vocab_size)
+    assert target.row_step == 2
+    assert "runs a multiple of 2 rows" in capsys.readouterr().err
+    target.start(16, 3)
+    for rows in (1, 3):
+        logits, _ = target.forward(np.arange(rows) + 5, np.arange(rows), causal(rows))
+        assert logits.shape == (rows, manifest.target.vocab_size)
+
+
+def test_quantized_target_whose_rows_are_never_exact_is_refused(quantized, monkeypatch):
+    monkeypatch.setattr(Target, "_chains_exact", lambda self, tokens: False)
+    manifest = quantized["int4"].manifest
+    with pytest.raises(DovetailError, match="re-export with another --block-size"):
+        Target(manifest.folder / manifest.target.file, manifest.target, threads=1)
 
 
 def test_kept_rows_continue_like_sequential(models):
