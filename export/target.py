@@ -82,8 +82,8 @@ def export_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pa
             last = (run.stderr.strip() or run.stdout.strip() or "no output").splitlines()[-1]
             raise DovetailError(f"onnxruntime-genai's model builder failed ({last}); report the model and versions")
         adapt_graph(built / "model.onnx", path, spec.head_dim, spec.attention_rows)
-    validate_target(model, path, spec)
-    return spec
+    checked = validate_target(model, path, spec)
+    return spec.model_copy(update={"row_step": checked.row_step})
 
 
 def adapt_graph(source: Path, path: Path, head_dim: int, attention_rows: int) -> None:
@@ -146,10 +146,10 @@ def pad_lone_query(g: onnx.GraphProto) -> None:
     g.node.extend(nodes)
 
 
-def validate_target(model: PreTrainedModel, path: Path, spec: GraphSpec, prompt_len: int = 12) -> float:
+def validate_target(model: PreTrainedModel, path: Path, spec: GraphSpec, prompt_len: int = 12) -> Target:
     """A prefill and a tree step (two branches; a chain for chain-verifying targets) on the graph: every row
     must equal sequential decoding of its root path (bit for bit when quantized), and in fp32 the logits must
-    equal PyTorch's."""
+    equal PyTorch's. Returns the Target it checked with (its `row_step` is the one this CPU needs)."""
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, spec.vocab_size, (prompt_len,), generator=generator).numpy()
     shape = [-1, 0, 0, 2] if spec.verify == "tree" else [-1, 0, 1, 2]
@@ -176,7 +176,7 @@ def validate_target(model: PreTrainedModel, path: Path, spec: GraphSpec, prompt_
             f"exported target disagrees with {'PyTorch' if spec.precision == 'fp32' else 'sequential decoding'}: "
             f"max |Δlogit| {worst:.2e} > {tolerance:g}; report the model and versions"
         )
-    return worst
+    return target
 
 
 def _against_pytorch(model, prompt: np.ndarray, tree: Tree, prefill_logits: np.ndarray, tree_logits: np.ndarray):

@@ -116,6 +116,7 @@ class GraphSpec(BaseModel):
     attention_rows: Literal[1, 2] = 1  # query rows the attention runs at least (quantized: 2, see export/target.py)
     verify: Literal["tree", "chain"] = "tree"  # draft shapes whose rows equal sequential decoding
     block_size: Positive | None = None  # quantized weights per scale (export --block-size); for the record only
+    row_step: Literal[1, 2, 4] = 1  # the exact row multiple the exporting CPU needed (each CPU checks its own)
     cpu_file: FileName | None = None  # drafter only: the int8 graph to use when it runs on a CPU
 
     @model_validator(mode="after")

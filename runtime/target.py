@@ -38,10 +38,10 @@ class Target:
         self.row_step = spec.min_rows
         if spec.precision != "fp32":
             self.row_step = self._exact_row_step()
-            if self.row_step > 1:
+            if self.row_step > spec.row_step:
                 print(f"note: this CPU's quantized kernels compute a row differently by how many rows run with it; "
-                      f"every target forward runs a multiple of {self.row_step} rows so speculative output stays "
-                      "identical to target-only", file=sys.stderr)
+                      f"every target forward runs a multiple of {self.row_step} rows (the exporting CPU: "
+                      f"{spec.row_step}) so speculative output stays identical to target-only", file=sys.stderr)
 
     def _exact_row_step(self) -> int:
         """The least row multiple at which every row of a chain forward equals sequential decoding bit for bit on
