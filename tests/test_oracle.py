@@ -96,4 +96,6 @@ def test_another_quantization_block_stays_exact(quantized, hf_dirs, tmp_path):
                     console=Console(stderr=True, quiet=True))
     model = Model(tmp_path / "b32", draft_device="cpu", threads=1)
     assert model.manifest.target.block_size == 32
+    for checked in (model, quantized["int4"]):  # the export recorded the row multiple this CPU needs
+        assert checked.target.row_step == checked.manifest.target.row_step
     assert_oracle_chain_exact(model, "int4, block 32")
