@@ -47,7 +47,7 @@ class Target:
         """The least row multiple at which every row of a chain forward equals sequential decoding bit for bit on
         this CPU. Kernels are chosen by CPU, and a quantized graph amplifies any 1e-7 difference (export/target.py):
         on an AVX-512 EPYC, int4 at block 32 runs any row count alike, while at block 128 an odd last row takes
-        another path. About 40 small forwards over an empty cache, once per session."""
+        another path. 16 small forwards over an empty cache per multiple tried, once per session."""
         tokens = np.arange(1, CHECKED_ROWS + 1) % self.spec.vocab_size
         for step in (step for step in ROW_STEPS if step >= self.spec.min_rows):
             self.row_step = step
