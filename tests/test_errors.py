@@ -288,6 +288,12 @@ def test_block_size_needs_a_quantized_target(hf_dirs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_block_size_the_builder_does_not_take_is_refused_at_parse_time(hf_dirs, tmp_path):
+    fails(["export", str(hf_dirs["llama"]), "-o", str(tmp_path / "out"), "--precision", "int4", "--block-size", "100"],
+          "--block-size", code=2)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_target(tmp_path):
     fails(["export", str(tmp_path / "none"), "-o", str(tmp_path / "out")], "target not found")
 
