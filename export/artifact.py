@@ -33,7 +33,7 @@ def build_manifest(model, tokenizer, target: GraphSpec, drafter: Drafter, tree: 
                    cpu_drafter: bool, folder: Path) -> dict:
     c, d = model.config, drafter.config
     graphs = ["target.onnx", "drafter.onnx"] + (["drafter.int8.onnx"] if cpu_drafter else [])
-    files = [f for g in graphs for f in (g, g + ".data")] + ["tokenizer.json"]
+    files = [f for g in graphs for f in (g, g + ".data")] + [f for f in [target.kernel_file] if f] + ["tokenizer.json"]
     return {
         "format_version": FORMAT_VERSION,
         "target": target.model_dump(exclude_none=True),

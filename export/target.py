@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dovetail_onnx.runtime.errors import DovetailError
+from dovetail_onnx.runtime.kernels import DOMAIN, ROWS_OP, rows_kernel_takes
 from dovetail_onnx.runtime.manifest import DEFAULT_BLOCK_SIZES, GraphSpec
 from dovetail_onnx.runtime.target import ROW_STEPS, Target
 from dovetail_onnx.runtime.tree import MASKED, Tree, causal
@@ -45,6 +46,8 @@ VERIFY = {"fp32": "tree", "int8": "chain", "int4": "chain"}
 # fp32 graph against fp32 PyTorch: differences come from op order and fused kernels only.
 LOGIT_TOLERANCE = 1e-3
 GQA_POSITION_IDS, GQA_ATTENTION_BIAS = 9, 10
+# int4 targets also get this graph: the same nodes and weights, with dovetail's row kernel for MatMulNBits.
+ROWS_FILE = "target.rows.onnx"
 
 
 def dims_of(config) -> tuple[int, int, int]:
@@ -82,8 +85,30 @@ def export_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pa
             last = (run.stderr.strip() or run.stdout.strip() or "no output").splitlines()[-1]
             raise DovetailError(f"onnxruntime-genai's model builder failed ({last}); report the model and versions")
         adapt_graph(built / "model.onnx", path, spec.head_dim, spec.attention_rows)
-    checked = validate_target(model, path, spec)
+    if precision == "int4" and write_rows_graph(path, path.with_name(ROWS_FILE)):
+        spec = spec.model_copy(update={"kernel_file": ROWS_FILE})
+        # Both graphs run on users' CPUs (the row kernel's where it builds), so both are checked here.
+        validate_target(model, path, spec, kernels=True)
+    checked = validate_target(model, path, spec, kernels=False)
     return spec.model_copy(update={"row_step": checked.row_step})
+
+
+def write_rows_graph(path: Path, rows_path: Path) -> bool:
+    """Write the graph at `path` again with every MatMulNBits that dovetail's row kernel takes run by it
+    (runtime/kernels.py), reading the same weights file. False, and nothing written, if it takes none."""
+    graph = onnx.load(str(path), load_external_data=False)
+    taken = []
+    for node in graph.graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {attribute.name: attribute.i for attribute in node.attribute}
+            if rows_kernel_takes(a["bits"], a["K"], a["N"], a["block_size"], len([i for i in node.input if i])):
+                taken.append(node)
+    for node in taken:
+        node.op_type, node.domain = ROWS_OP, DOMAIN
+    if taken:
+        graph.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        onnx.save(graph, str(rows_path))
+    return bool(taken)
 
 
 def adapt_graph(source: Path, path: Path, head_dim: int, attention_rows: int) -> None:
@@ -146,7 +171,8 @@ def pad_lone_query(g: onnx.GraphProto) -> None:
     g.node.extend(nodes)
 
 
-def validate_target(model: PreTrainedModel, path: Path, spec: GraphSpec, prompt_len: int = 12) -> Target:
+def validate_target(model: PreTrainedModel, path: Path, spec: GraphSpec, prompt_len: int = 12,
+                    kernels: bool = True) -> Target:
     """A prefill and a tree step (two branches; a chain for chain-verifying targets) on the graph: every row
     must equal sequential decoding of its root path (bit for bit when quantized), and in fp32 the logits must
     equal PyTorch's. Returns the Target it checked with (its `row_step` is the one this CPU needs)."""
@@ -156,7 +182,7 @@ def validate_target(model: PreTrainedModel, path: Path, spec: GraphSpec, prompt_
     tree = Tree(torch.randint(0, spec.vocab_size, (4,), generator=generator).numpy(), np.array(shape))
     # The row multiple is what this check finds out (and export records), so the runtime's note about a CPU that
     # needs more than the exporting one has nothing to compare with yet: claim the most there is.
-    target = Target(path, spec.model_copy(update={"row_step": max(ROW_STEPS)}), threads=None)
+    target = Target(path, spec.model_copy(update={"row_step": max(ROW_STEPS)}), threads=None, kernels=kernels)
     target.start(prompt_len + len(tree), len(tree))
     prefill_logits = target.forward(prompt, np.arange(prompt_len), causal(prompt_len))[0].copy()
     target.kv.keep(np.arange(prompt_len))

@@ -44,7 +44,7 @@ class ArtifactTeacher:
         self.target = Target(manifest.folder / spec.file, spec, threads)
         self.eos = set(manifest.eos_token_ids)
         self.precision = spec.precision
-        graph = {name: manifest.checksums[name] for name in (spec.file, f"{spec.file}.data")
+        graph = {name: manifest.checksums[name] for name in (self.target.graph.name, f"{spec.file}.data")
                  if name in manifest.checksums}
         self.digest = hashlib.sha256(json.dumps(graph, sort_keys=True).encode()).hexdigest()[:16]
 

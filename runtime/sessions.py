@@ -23,8 +23,14 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def session_options(threads: int | None, spin: bool) -> ort.SessionOptions:
+def session_options(threads: int | None, spin: bool, libraries: tuple[Path, ...] = ()) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    for library in libraries:
+        try:
+            options.register_custom_ops_library(str(library))
+        except Exception as exc:  # ORT reports a library it cannot load as its generic failure
+            raise DovetailError(f"cannot load kernel library {library}: {str(exc).splitlines()[0]}; delete it to "
+                                "rebuild it") from exc
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
@@ -34,20 +40,21 @@ def session_options(threads: int | None, spin: bool) -> ort.SessionOptions:
     return options
 
 
-def open_session(path: Path, device: str, threads: int | None, role: str,
-                 spin: bool = True) -> tuple[ort.InferenceSession, str]:
+def open_session(path: Path, device: str, threads: int | None, role: str, spin: bool = True,
+                 libraries: tuple[Path, ...] = ()) -> tuple[ort.InferenceSession, str]:
     """Return (session, device actually used: 'cuda' or 'cpu').
 
     `spin=False` stops the session's idle threads from busy-waiting: the drafter's would otherwise
     take the cores from the target's verify forward that runs right after it (measured: verify of an
-    8-token tree 59 -> 34 ms, 2 threads).
+    8-token tree 59 -> 34 ms, 2 threads). `libraries`: custom-op libraries the graph needs (runtime/kernels.py).
     """
     if device not in DEVICES:
         raise DovetailError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
     want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
     try:
-        session = ort.InferenceSession(str(path), session_options(threads, spin), providers=providers)
+        session = ort.InferenceSession(str(path), session_options(threads, spin, libraries),
+                                       providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; all mean a bad graph file
         raise DovetailError(f"cannot load {path}: {str(exc).splitlines()[0]}; re-export the artifact") from exc
     used = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"

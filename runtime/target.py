@@ -8,6 +8,7 @@ import numpy as np
 
 from dovetail_onnx.runtime.buffers import FLOAT, PREFILL_CHUNK, SharedKVCache
 from dovetail_onnx.runtime.errors import DovetailError
+from dovetail_onnx.runtime.kernels import rows_library
 from dovetail_onnx.runtime.manifest import GraphSpec
 from dovetail_onnx.runtime.sessions import check_io, open_session
 from dovetail_onnx.runtime.tree import MASKED, causal
@@ -23,9 +24,20 @@ class Target:
     from the shared KV buffers, explicit positions, and an additive bias over past + new rows.
     """
 
-    def __init__(self, path: Path, spec: GraphSpec, threads: int | None):
+    def __init__(self, path: Path, spec: GraphSpec, threads: int | None, kernels: bool = True):
+        """`path`: the graph on ORT's own kernels; `kernels`: run the manifest's `kernel_file` instead where
+        dovetail's row kernel builds on this machine (runtime/kernels.py)."""
         self.spec = spec
-        self.session, self.device = open_session(path, "cpu", threads, "target")
+        graph, libraries = path, ()
+        if kernels and spec.kernel_file:
+            library, why = rows_library()
+            if library:
+                graph, libraries = path.with_name(spec.kernel_file), (library,)
+            else:
+                print(f"note: the int4 target runs onnxruntime's MatMulNBits, not dovetail's row kernel ({why}): "
+                      "verify forwards are padded to an exact row multiple and cost more per row", file=sys.stderr)
+        self.graph = graph
+        self.session, self.device = open_session(graph, "cpu", threads, "target", libraries=libraries)
         names = SharedKVCache.graph_names(spec.num_layers)
         check_io(self.session, "target",
                  {"input_ids": {}, "attention_mask": {}, "position_ids": {}, "attention_bias": {},

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from dovetail_onnx.export.artifact import export_artifact
 from dovetail_onnx.runtime import DovetailError, GeneratorParams, Model, TreeSettings, generate
+from dovetail_onnx.runtime.target import Target
 from dovetail_onnx.runtime.tree import Tree
 
 
@@ -89,13 +90,14 @@ def test_quantized_target_speculative_equals_its_own_target_only_output(quantize
 
 
 def test_another_quantization_block_stays_exact(quantized, hf_dirs, tmp_path):
-    """Block sizes take other kernel paths (SmolLM2's int4 at 128, the default, runs an odd last row unlike the others
-    on an AVX-512 EPYC); the export's check and the runtime's row check keep chains exact at any of them."""
+    """Block sizes take other MatMulNBits paths (SmolLM2's int4 at 128, the default, runs an odd last row unlike the
+    others on an AVX-512 EPYC); the export's check and the runtime's row check keep chains exact at any of them."""
     assert quantized["int4"].manifest.target.block_size == 128
     export_artifact(hf_dirs["llama"], tmp_path / "b32", "random", 1, precision="int4", block_size=32,
                     console=Console(stderr=True, quiet=True))
     model = Model(tmp_path / "b32", draft_device="cpu", threads=1)
     assert model.manifest.target.block_size == 32
-    for checked in (model, quantized["int4"]):  # the export recorded the row multiple this CPU needs
-        assert checked.target.row_step == checked.manifest.target.row_step
+    for checked in (model, quantized["int4"]):  # the export recorded the row multiple MatMulNBits needs on this CPU
+        spec = checked.manifest.target
+        assert Target(checked.manifest.folder / spec.file, spec, threads=1, kernels=False).row_step == spec.row_step
     assert_oracle_chain_exact(model, "int4, block 32")

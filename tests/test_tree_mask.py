@@ -57,14 +57,14 @@ def test_quantized_lone_row_equals_row_of_two(precision, quantized):
 
 
 def test_quantized_target_pads_forwards_to_the_row_multiple_that_is_exact(quantized, monkeypatch, capsys):
-    """Where the CPU's kernels compute a row by how many run with it (int4 at block 128 on an AVX-512 EPYC: an odd
-    last row), every forward runs a multiple of the least row count that is exact; it says so when the exporting
-    CPU needed fewer."""
+    """Where ORT's kernels compute a row by how many run with it (MatMulNBits int4 at block 128 on an AVX-512 EPYC:
+    an odd last row), every forward of the graph on them runs a multiple of the least row count that is exact; it
+    says so when the exporting CPU needed fewer."""
     monkeypatch.setattr(Target, "_chains_exact", lambda self, tokens: self.row_step >= 2)
     manifest = quantized["int4"].manifest
     for exported, note in ((1, True), (2, False)):
         spec = manifest.target.model_copy(update={"row_step": exported})
-        target = Target(manifest.folder / manifest.target.file, spec, threads=1)
+        target = Target(manifest.folder / manifest.target.file, spec, threads=1, kernels=False)
         assert target.row_step == 2
         assert ("runs a multiple of 2 rows" in capsys.readouterr().err) == note
     target.start(16, 3)
@@ -77,7 +77,7 @@ def test_quantized_target_whose_rows_are_never_exact_is_refused(quantized, monke
     monkeypatch.setattr(Target, "_chains_exact", lambda self, tokens: False)
     manifest = quantized["int4"].manifest
     with pytest.raises(DovetailError, match="re-export with another --block-size"):
-        Target(manifest.folder / manifest.target.file, manifest.target, threads=1)
+        Target(manifest.folder / manifest.target.file, manifest.target, threads=1, kernels=False)
 
 
 def test_kept_rows_continue_like_sequential(models):

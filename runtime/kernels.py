@@ -1,0 +1,64 @@
+"""dovetail's own ONNX Runtime kernels, built from source on first use.
+
+ORT's MatMulNBits computes a lone row by another path than a row among several and unpacks int4 weights again
+for every row, so a quantized verify forward must be padded to stay exact and costs almost linearly in rows.
+`MatMulNBitsRows` (kernels/int4_rows.cpp) computes every row alike and unpacks each weight tile once for up to 8
+rows. It is C++ with AVX-512 VNNI intrinsics, compiled once per source version into the cache folder; where no
+compiler or no such CPU is found, the runtime keeps MatMulNBits and says why.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCES = [Path(__file__).parent / "kernels" / name for name in ("int4_rows.cpp", "ort_abi.h")]
+DOMAIN, ROWS_OP = "dovetail", "MatMulNBitsRows"
+COMPILE = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
+
+
+def cache_folder() -> Path:
+    """$DOVETAIL_CACHE/kernels, else ~/.cache/dovetail-onnx/kernels (export/load.py keeps models beside it)."""
+    return Path(os.environ.get("DOVETAIL_CACHE", Path.home() / ".cache" / "dovetail-onnx")) / "kernels"
+
+
+def cpu_supports_rows_kernel() -> bool:
+    """AVX-512 BW and VNNI, read from the kernel's own flags list (Linux); other systems keep MatMulNBits."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return False
+    return {"avx512f", "avx512bw", "avx512_vnni"} <= set(flags)
+
+
+@functools.cache
+def rows_library() -> tuple[Path | None, str]:
+    """(path of the built library, '') or (None, why it is not used)."""
+    if not cpu_supports_rows_kernel():
+        return None, "this CPU has no AVX-512 VNNI"
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not compiler:
+        return None, "no C++ compiler found (install g++ or set CXX)"
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(COMPILE).encode()).hexdigest()[:16]
+    library = cache_folder() / f"libdovetail_rows-{digest}.so"
+    if library.is_file():
+        return library, ""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        built = Path(tmp) / library.name
+        run = subprocess.run([compiler, *COMPILE, str(SOURCES[0]), "-o", str(built)], capture_output=True, text=True)
+        if run.returncode:
+            first = next((line for line in run.stderr.splitlines() if "error" in line), run.stderr.strip()[:200])
+            return None, f"building it failed ({first})"
+        os.replace(built, library)
+    return library, ""
+
+
+def rows_kernel_takes(bits: int, k: int, n: int, block_size: int, inputs: int) -> bool:
+    """Which MatMulNBits nodes MatMulNBitsRows computes: 4 bits, symmetric (A, B and scales only: no zero points,
+    group index or bias), whole 16-column tiles, and K and the block in whole 16-value vectors."""
+    return bits == 4 and inputs == 3 and n % 16 == 0 and k % 16 == 0 and block_size % 16 == 0

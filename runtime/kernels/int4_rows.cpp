@@ -1,0 +1,246 @@
+// dovetail.MatMulNBitsRows: MatMulNBits (bits 4, symmetric, no zero points) whose every output row is computed
+// the same way however many rows a call runs, and whose unpacked weights serve all of a call's rows.
+//
+// Why: ORT's MatMulNBits computes a lone row by another path than a row among several (so a verify forward
+// must be padded to stay identical to sequential decoding) and unpacks its int4 weights again for every row
+// (8 rows cost 2.5x one). Here each row's activations are quantized per block to int8 on their own, the
+// products are summed exactly in int32 per block, and the float epilogue runs in one fixed order per row.
+// AVX-512 VNNI only: the runtime keeps MatMulNBits on CPUs without it (runtime/kernels.py).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ort_abi.h"
+
+namespace {
+
+constexpr int kTile = 16;     // output columns per zmm of int32 sums
+constexpr int kStep = 8;      // k values per 64 packed bytes: 16 columns x 4 k, twice (low and high nibbles)
+constexpr int kMaxRows = 8;   // rows computed together over one unpacked weight tile
+constexpr int kTilesPerTask = 4;
+
+struct Kernel {
+  int64_t K = 0, N = 0, block = 0, blocks = 0;
+  std::vector<uint8_t> packed;  // [N / 16][K / 8][64]
+  std::vector<float> scales;    // [N / 16][blocks][16]
+};
+
+// Activations of one call, quantized per row and block: a row's values depend on that row alone.
+struct Rows {
+  const Kernel *kernel;
+  int64_t M;
+  std::vector<int8_t> q;       // [M][K]
+  std::vector<float> scale;    // [M][blocks]
+  std::vector<int32_t> shift;  // [M][blocks]: 8 x the block's sum of q, the weights' zero point times a
+  float *out;
+};
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void quantize(const float *a, Rows &rows) {
+  const Kernel &k = *rows.kernel;
+  for (int64_t m = 0; m < rows.M; m++) {
+    const float *x = a + m * k.K;
+    for (int64_t b = 0; b < k.blocks; b++) {
+      const int64_t k0 = b * k.block, k1 = std::min(k.K, k0 + k.block);
+      __m512 peak = _mm512_setzero_ps();
+      for (int64_t i = k0; i < k1; i += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+      const float amax = _mm512_reduce_max_ps(peak);
+      const __m512 inverse = _mm512_set1_ps(amax > 0 ? 127.f / amax : 0.f);
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t i = k0; i < k1; i += 16) {
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), inverse));
+        sum = _mm512_add_epi32(sum, v);
+        _mm_storeu_si128(reinterpret_cast<__m128i *>(rows.q.data() + m * k.K + i), _mm512_cvtsepi32_epi8(v));
+      }
+      rows.scale[m * k.blocks + b] = amax / 127.f;
+      rows.shift[m * k.blocks + b] = 8 * _mm512_reduce_add_epi32(sum);
+    }
+  }
+}
+
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_rows(const Rows &rows, int64_t tile, int64_t m0) {
+  const Kernel &k = *rows.kernel;
+  const uint8_t *w = k.packed.data() + tile * (k.K / kStep) * 64;
+  const float *s = k.scales.data() + tile * k.blocks * kTile;
+  const int8_t *a[R];
+  for (int r = 0; r < R; r++) a[r] = rows.q.data() + (m0 + r) * k.K;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 y[R];
+  for (int r = 0; r < R; r++) y[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < k.blocks; b++) {
+    const int64_t k0 = b * k.block, k1 = std::min(k.K, k0 + k.block);
+    __m512i dot[R];
+    for (int r = 0; r < R; r++) dot[r] = _mm512_setzero_si512();
+    for (int64_t i = k0; i < k1; i += kStep, w += 64) {
+      const __m512i v = _mm512_loadu_si512(w);
+      const __m512i low = _mm512_and_si512(v, nibble), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+      for (int r = 0; r < R; r++) {
+        int32_t a0, a1;
+        std::memcpy(&a0, a[r] + i, 4);
+        std::memcpy(&a1, a[r] + i + 4, 4);
+        dot[r] = _mm512_dpbusd_epi32(dot[r], low, _mm512_set1_epi32(a0));
+        dot[r] = _mm512_dpbusd_epi32(dot[r], high, _mm512_set1_epi32(a1));
+      }
+    }
+    const __m512 weight_scale = _mm512_loadu_ps(s + b * kTile);
+    for (int r = 0; r < R; r++) {
+      const int64_t at = (m0 + r) * k.blocks + b;
+      const __m512i exact = _mm512_sub_epi32(dot[r], _mm512_set1_epi32(rows.shift[at]));
+      y[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_mul_ps(weight_scale, _mm512_set1_ps(rows.scale[at])),
+                             y[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) _mm512_storeu_ps(rows.out + (m0 + r) * k.N + tile * kTile, y[r]);
+}
+
+void tiles(void *data, size_t task) {
+  const Rows &rows = *static_cast<const Rows *>(data);
+  const int64_t tiles = rows.kernel->N / kTile;
+  const int64_t first = static_cast<int64_t>(task) * kTilesPerTask, last = std::min(tiles, first + kTilesPerTask);
+  for (int64_t t = first; t < last; t++) {
+    for (int64_t m0 = 0; m0 < rows.M; m0 += kMaxRows) {
+      switch (std::min<int64_t>(kMaxRows, rows.M - m0)) {
+        case 1: tile_rows<1>(rows, t, m0); break;
+        case 2: tile_rows<2>(rows, t, m0); break;
+        case 3: tile_rows<3>(rows, t, m0); break;
+        case 4: tile_rows<4>(rows, t, m0); break;
+        case 5: tile_rows<5>(rows, t, m0); break;
+        case 6: tile_rows<6>(rows, t, m0); break;
+        case 7: tile_rows<7>(rows, t, m0); break;
+        default: tile_rows<8>(rows, t, m0); break;
+      }
+    }
+  }
+}
+
+// MatMulNBits' B is [N][blocks][block / 2] bytes, element k of a block in the low nibble when k is even.
+void pack(Kernel &k, const uint8_t *b, const float *scales) {
+  const int64_t half = k.block / 2, tiles = k.N / kTile;
+  auto element = [&](int64_t n, int64_t i) -> uint8_t {
+    const uint8_t byte = b[(n * k.blocks + i / k.block) * half + (i % k.block) / 2];
+    return i % 2 ? byte >> 4 : byte & 0x0F;
+  };
+  k.packed.assign(static_cast<size_t>(k.N * k.K / 2), 0);
+  uint8_t *out = k.packed.data();
+  for (int64_t t = 0; t < tiles; t++)
+    for (int64_t i = 0; i < k.K; i += kStep, out += 64)
+      for (int j = 0; j < 64; j++) {
+        const int64_t n = t * kTile + j / 4, at = i + j % 4;
+        out[j] = static_cast<uint8_t>(element(n, at) | element(n, at + 4) << 4);
+      }
+  k.scales.resize(static_cast<size_t>(tiles * k.blocks * kTile));
+  for (int64_t t = 0; t < tiles; t++)
+    for (int64_t blk = 0; blk < k.blocks; blk++)
+      for (int c = 0; c < kTile; c++)
+        k.scales[(t * k.blocks + blk) * kTile + c] = scales[(t * kTile + c) * k.blocks + blk];
+}
+
+}  // namespace
+
+namespace {
+
+OrtStatus *failure(const std::string &message) { return api_call<CreateStatus>(ORT_FAIL, message.c_str()); }
+
+OrtStatus *create(const OrtKernelInfo *info, Kernel *&out) {
+  auto kernel = std::make_unique<Kernel>();
+  int64_t bits = 0;
+  for (auto [name, value] : {std::pair<const char *, int64_t *>{"K", &kernel->K}, {"N", &kernel->N},
+                             {"block_size", &kernel->block}, {"bits", &bits}})
+    if (OrtStatus *status = api_call<KernelInfoGetAttribute_int64>(info, name, value)) return status;
+  if (bits != 4 || kernel->K % 16 || kernel->N % kTile || kernel->block % 16)
+    return failure("MatMulNBitsRows takes 4 bits, K and block_size in 16s and N in 16s");
+  kernel->blocks = (kernel->K + kernel->block - 1) / kernel->block;
+  const void *weights[2];
+  for (size_t input = 1; input <= 2; input++) {
+    int constant = 0;
+    const OrtValue *value = nullptr;
+    if (OrtStatus *status = api_call<KernelInfoGetConstantInput_tensor>(info, input, &constant, &value)) return status;
+    if (!constant || !value) return failure("MatMulNBitsRows needs its weights and scales as initializers");
+    void *data = nullptr;
+    if (OrtStatus *status = api_call<GetTensorMutableData>(const_cast<OrtValue *>(value), &data)) return status;
+    weights[input - 1] = data;
+  }
+  pack(*kernel, static_cast<const uint8_t *>(weights[0]), static_cast<const float *>(weights[1]));
+  out = kernel.release();
+  return nullptr;
+}
+
+OrtStatus *compute(Kernel &kernel, OrtKernelContext *context) {
+  const OrtValue *input = nullptr;
+  if (OrtStatus *status = api_call<KernelContext_GetInput>(context, 0, &input)) return status;
+  OrtTensorTypeAndShapeInfo *info = nullptr;
+  if (OrtStatus *status = api_call<GetTensorTypeAndShape>(input, &info)) return status;
+  size_t rank = 0;
+  OrtStatus *status = api_call<GetDimensionsCount>(info, &rank);
+  std::vector<int64_t> shape(rank);
+  if (!status) status = api_call<GetDimensions>(info, shape.data(), rank);
+  api_call<ReleaseTensorTypeAndShapeInfo>(info);
+  if (status) return status;
+  if (rank == 0 || shape.back() != kernel.K) return failure("MatMulNBitsRows: input's last axis is not K");
+  int64_t rows_count = 1;
+  for (size_t i = 0; i + 1 < rank; i++) rows_count *= shape[i];
+  shape.back() = kernel.N;
+  OrtValue *output = nullptr;
+  if ((status = api_call<KernelContext_GetOutput>(context, 0, shape.data(), rank, &output))) return status;
+  void *a = nullptr, *y = nullptr;
+  if ((status = api_call<GetTensorMutableData>(const_cast<OrtValue *>(input), &a))) return status;
+  if ((status = api_call<GetTensorMutableData>(output, &y))) return status;
+  if (rows_count == 0) return nullptr;
+  thread_local Rows rows;
+  rows.kernel = &kernel;
+  rows.M = rows_count;
+  rows.q.resize(static_cast<size_t>(rows_count * kernel.K));
+  rows.scale.resize(static_cast<size_t>(rows_count * kernel.blocks));
+  rows.shift.resize(rows.scale.size());
+  rows.out = static_cast<float *>(y);
+  quantize(static_cast<const float *>(a), rows);
+  const size_t tasks = static_cast<size_t>((kernel.N / kTile + kTilesPerTask - 1) / kTilesPerTask);
+  return api_call<KernelContext_ParallelFor>(context, tiles, tasks, 0, &rows);
+}
+
+}  // namespace
+
+// The operator's schema: Y (float) = A (float, [..., K]) x B (MatMulNBits' uint8 weights) with float scales.
+OrtCustomOp make_op() {
+  OrtCustomOp op{};
+  op.version = kOrtApiVersion;
+  op.GetName = [](const OrtCustomOp *) { return "MatMulNBitsRows"; };
+  op.GetExecutionProviderType = [](const OrtCustomOp *) -> const char * { return nullptr; };  // the CPU EP
+  op.GetInputTypeCount = [](const OrtCustomOp *) -> size_t { return 3; };
+  op.GetInputType = [](const OrtCustomOp *, size_t i) -> int { return i == 1 ? ELEMENT_UINT8 : ELEMENT_FLOAT; };
+  op.GetOutputTypeCount = [](const OrtCustomOp *) -> size_t { return 1; };
+  op.GetOutputType = [](const OrtCustomOp *, size_t) -> int { return ELEMENT_FLOAT; };
+  op.GetInputCharacteristic = [](const OrtCustomOp *, size_t) -> int { return INPUT_OUTPUT_REQUIRED; };
+  op.GetOutputCharacteristic = [](const OrtCustomOp *, size_t) -> int { return INPUT_OUTPUT_REQUIRED; };
+  op.GetInputMemoryType = [](const OrtCustomOp *, size_t) -> int { return MEM_TYPE_DEFAULT; };
+  op.CreateKernelV2 = [](const OrtCustomOp *, const void *, const OrtKernelInfo *info, void **out) -> OrtStatus * {
+    Kernel *kernel = nullptr;
+    OrtStatus *status = create(info, kernel);
+    *out = kernel;
+    return status;
+  };
+  op.KernelComputeV2 = [](void *kernel, OrtKernelContext *context) {
+    return compute(*static_cast<Kernel *>(kernel), context);
+  };
+  op.KernelDestroy = [](void *kernel) { delete static_cast<Kernel *>(kernel); };
+  return op;
+}
+
+const OrtCustomOp rows_op = make_op();
+
+extern "C" __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options,
+                                                                              const OrtApiBase *base) {
+  ort_api_table = static_cast<const void *const *>(base->GetApi(kOrtApiVersion));
+  if (!ort_api_table) return nullptr;  // an ORT older than 1.17 cannot even report the problem; the runtime checks
+  if (!__builtin_cpu_supports("avx512vnni") || !__builtin_cpu_supports("avx512bw"))
+    return failure("MatMulNBitsRows needs AVX-512 VNNI");
+  OrtCustomOpDomain *domain = nullptr;
+  if (OrtStatus *status = api_call<CreateCustomOpDomain>("dovetail", &domain)) return status;
+  if (OrtStatus *status = api_call<CustomOpDomain_Add>(domain, &rows_op)) return status;
+  return api_call<AddCustomOpDomain>(options, domain);
+}
