@@ -23,6 +23,9 @@ constexpr int kTile = 16;     // output columns per zmm of int32 sums
 constexpr int kStep = 8;      // k values per 64 packed bytes: 16 columns x 4 k, twice (low and high nibbles)
 constexpr int kMaxRows = 8;   // rows computed together over one unpacked weight tile
 constexpr int kTilesPerTask = 4;
+// Weights are read once from memory and, for several rows, used at the speed of the dot products: prefetching
+// 2 KiB ahead keeps both going (SmolLM2's 151 matrices, 2 threads: 1 row 3.97 -> 3.05 ms, 8 rows 6.68 -> 3.83).
+constexpr int kPrefetchBytes = 2048;
 
 struct Kernel {
   int64_t K = 0, N = 0, block = 0, blocks = 0;
@@ -77,6 +80,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_rows(const Rows
     __m512i dot[R];
     for (int r = 0; r < R; r++) dot[r] = _mm512_setzero_si512();
     for (int64_t i = k0; i < k1; i += kStep, w += 64) {
+      _mm_prefetch(reinterpret_cast<const char *>(w) + kPrefetchBytes, _MM_HINT_T0);
       const __m512i v = _mm512_loadu_si512(w);
       const __m512i low = _mm512_and_si512(v, nibble), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
       for (int r = 0; r < R; r++) {
