@@ -46,7 +46,7 @@ VERIFY = {"fp32": "tree", "int8": "chain", "int4": "chain"}
 # fp32 graph against fp32 PyTorch: differences come from op order and fused kernels only.
 LOGIT_TOLERANCE = 1e-3
 GQA_POSITION_IDS, GQA_ATTENTION_BIAS = 9, 10
-# int4 targets also get this graph: the same nodes and weights, with dovetail's row kernel for MatMulNBits.
+# Quantized targets also get this graph: the same nodes and weights, with dovetail's row kernel for MatMulNBits.
 ROWS_FILE = "target.rows.onnx"
 
 
@@ -85,7 +85,7 @@ def export_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pa
             last = (run.stderr.strip() or run.stdout.strip() or "no output").splitlines()[-1]
             raise DovetailError(f"onnxruntime-genai's model builder failed ({last}); report the model and versions")
         adapt_graph(built / "model.onnx", path, spec.head_dim, spec.attention_rows)
-    if precision == "int4" and write_rows_graph(path, path.with_name(ROWS_FILE)):
+    if precision != "fp32" and write_rows_graph(path, path.with_name(ROWS_FILE)):
         spec = spec.model_copy(update={"kernel_file": ROWS_FILE})
         # Both graphs run on users' CPUs (the row kernel's where it builds), so both are checked where it builds
         # here; elsewhere the runtime's own row check (Target.row_step) is what stands between it and a user.

@@ -1,9 +1,9 @@
 """dovetail's own ONNX Runtime kernels, built from source on first use.
 
-ORT's MatMulNBits computes a lone row by another path than a row among several and unpacks int4 weights again
+ORT's MatMulNBits computes a lone row by another path than a row among several and unpacks its weights again
 for every row, so a quantized verify forward must be padded to stay exact and costs almost linearly in rows.
-`MatMulNBitsRows` (kernels/int4_rows.cpp) computes every row alike and unpacks each weight tile once for up to 8
-rows. It is C++ with AVX-512 VNNI intrinsics, compiled once per source version into the cache folder; where no
+`MatMulNBitsRows` (kernels/matmul_rows.cpp) computes every row alike and unpacks each weight tile once for up to
+8 rows. It is C++ with AVX-512 VNNI intrinsics, compiled once per source version into the cache folder; where no
 compiler or no such CPU is found, the runtime keeps MatMulNBits and says why.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCES = [Path(__file__).parent / "kernels" / name for name in ("int4_rows.cpp", "ort_abi.h")]
+SOURCES = [Path(__file__).parent / "kernels" / name for name in ("matmul_rows.cpp", "ort_abi.h")]
 DOMAIN, ROWS_OP = "dovetail", "MatMulNBitsRows"
 COMPILE = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
 
@@ -59,6 +59,6 @@ def rows_library() -> tuple[Path | None, str]:
 
 
 def rows_kernel_takes(bits: int, k: int, n: int, block_size: int, inputs: int) -> bool:
-    """Which MatMulNBits nodes MatMulNBitsRows computes: 4 bits, symmetric (A, B and scales only: no zero points,
-    group index or bias), whole 16-column tiles, and K and the block in whole 16-value vectors."""
-    return bits == 4 and inputs == 3 and n % 16 == 0 and k % 16 == 0 and block_size % 16 == 0
+    """Which MatMulNBits nodes MatMulNBitsRows computes: 4 or 8 bits, symmetric (A, B and scales only: no zero
+    points, group index or bias), whole 16-column tiles, and K and the block in whole 16-value vectors."""
+    return bits in (4, 8) and inputs == 3 and n % 16 == 0 and k % 16 == 0 and block_size % 16 == 0

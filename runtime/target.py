@@ -34,7 +34,7 @@ class Target:
             if library:
                 graph, libraries = path.with_name(spec.kernel_file), (library,)
             else:
-                print(f"note: the int4 target runs onnxruntime's MatMulNBits, not dovetail's row kernel ({why}): "
+                print(f"note: the quantized target runs onnxruntime's MatMulNBits, not dovetail's row kernel ({why}): "
                       "verify forwards are padded to an exact row multiple and cost more per row", file=sys.stderr)
         self.graph = graph
         self.session, self.device = open_session(graph, "cpu", threads, "target", libraries=libraries)

@@ -1,4 +1,4 @@
-"""dovetail's int4 row kernel (runtime/kernels.py): every row alike for any row count, MatMulNBits' results, and
+"""dovetail's row kernel for int4 and int8 weights (runtime/kernels.py): every row alike for any row count, MatMulNBits' results, and
 the graph on ORT's own kernels wherever it cannot run."""
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ needs_kernel = pytest.mark.skipif(LIBRARY is None, reason=f"the row kernel does 
 SHAPES = [(64, 320, 128), (576, 96, 128), (1536, 48, 32), (16, 16, 16)]
 
 
-def one_node(op: str, domain: str, k: int, n: int, block: int, seed: int) -> bytes:
+def one_node(op: str, domain: str, k: int, n: int, block: int, bits: int, seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     blocks = -(-k // block)
-    weights = rng.integers(0, 256, size=(n, blocks, block // 2), dtype=np.uint8)
+    weights = rng.integers(0, 256, size=(n, blocks, block * bits // 8), dtype=np.uint8)
     scales = rng.random(n * blocks, dtype=np.float32) * 0.02
-    node = helper.make_node(op, ["A", "B", "scales"], ["Y"], domain=domain, K=k, N=n, bits=4, block_size=block,
+    node = helper.make_node(op, ["A", "B", "scales"], ["Y"], domain=domain, K=k, N=n, bits=bits, block_size=block,
                             accuracy_level=4)
     graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, "M", k])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
@@ -40,10 +40,11 @@ def session(model: bytes, library=None) -> ort.InferenceSession:
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k, n, block", SHAPES)
-def test_every_row_equals_that_row_run_alone(k, n, block):
+def test_every_row_equals_that_row_run_alone(k, n, block, bits):
     """Up to 8 rows share each unpacked weight tile; 9 and 17 rows cross those groups."""
-    rows = session(one_node(kernels.ROWS_OP, kernels.DOMAIN, k, n, block, seed=k), LIBRARY)
+    rows = session(one_node(kernels.ROWS_OP, kernels.DOMAIN, k, n, block, bits, seed=k), LIBRARY)
     a = np.random.default_rng(1).standard_normal((1, 17, k), dtype=np.float32)
     alone = np.concatenate([rows.run(None, {"A": a[:, i : i + 1]})[0] for i in range(17)], axis=1)
     for m in (*range(1, 11), 17):
@@ -51,29 +52,31 @@ def test_every_row_equals_that_row_run_alone(k, n, block):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k, n, block", SHAPES)
-def test_results_are_matmulnbits_ones(k, n, block):
+def test_results_are_matmulnbits_ones(k, n, block, bits):
     """The same int8-activation arithmetic as MatMulNBits at accuracy level 4, so within float rounding of it."""
     a = np.random.default_rng(2).standard_normal((1, 5, k), dtype=np.float32)
-    ours = session(one_node(kernels.ROWS_OP, kernels.DOMAIN, k, n, block, seed=k), LIBRARY).run(None, {"A": a})[0]
-    reference = session(one_node("MatMulNBits", "com.microsoft", k, n, block, seed=k)).run(None, {"A": a})[0]
+    ours = session(one_node(kernels.ROWS_OP, kernels.DOMAIN, k, n, block, bits, seed=k), LIBRARY).run(None, {"A": a})[0]
+    reference = session(one_node("MatMulNBits", "com.microsoft", k, n, block, bits, seed=k)).run(None, {"A": a})[0]
     assert ours.shape == reference.shape == (1, 5, n)
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4 * np.abs(reference).max())
 
 
 def test_which_nodes_the_kernel_takes():
     assert kernels.rows_kernel_takes(bits=4, k=576, n=960, block_size=128, inputs=3)
-    assert not kernels.rows_kernel_takes(bits=8, k=576, n=960, block_size=128, inputs=3)  # int8 weights
+    assert kernels.rows_kernel_takes(bits=8, k=576, n=960, block_size=32, inputs=3)
+    assert not kernels.rows_kernel_takes(bits=2, k=576, n=960, block_size=128, inputs=3)
     assert not kernels.rows_kernel_takes(bits=4, k=576, n=960, block_size=128, inputs=4)  # zero points
     assert not kernels.rows_kernel_takes(bits=4, k=576, n=968, block_size=128, inputs=3)  # a partial tile
 
 
 @needs_kernel
-def test_int4_target_runs_the_kernel_graph_and_needs_no_padding(quantized):
-    int4, int8 = quantized["int4"], quantized["int8"]
-    assert int4.manifest.target.kernel_file == "target.rows.onnx" in int4.manifest.checksums
-    assert int4.target.graph.name == "target.rows.onnx" and int4.target.row_step == 1
-    assert int8.manifest.target.kernel_file is None and int8.target.graph.name == "target.onnx"
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_target_runs_the_kernel_graph_and_needs_no_padding(quantized, precision):
+    model = quantized[precision]
+    assert model.manifest.target.kernel_file == "target.rows.onnx" in model.manifest.checksums
+    assert model.target.graph.name == "target.rows.onnx" and model.target.row_step == 1
 
 
 @pytest.mark.parametrize("why", ["no C++ compiler found (install g++ or set CXX)", "this CPU has no AVX-512 VNNI"])
@@ -107,11 +110,12 @@ def test_a_cpu_without_vnni_keeps_ort_kernels(monkeypatch):
         kernels.rows_library.cache_clear()
 
 
-def test_the_plain_graph_stays_lossless_where_the_kernel_cannot_run(quantized, monkeypatch):
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_the_plain_graph_stays_lossless_where_the_kernel_cannot_run(quantized, monkeypatch, precision):
     """A machine without the kernel runs target.onnx, padded to its exact row multiple: still its own output."""
     from test_oracle import assert_oracle_chain_exact
 
     monkeypatch.setattr("dovetail_onnx.runtime.target.rows_library", lambda: (None, "no C++ compiler found"))
-    model = Model(quantized["int4"].manifest.folder, draft_device="cpu", threads=1)
+    model = Model(quantized[precision].manifest.folder, draft_device="cpu", threads=1)
     assert model.target.graph.name == "target.onnx"
-    assert_oracle_chain_exact(model, "int4 on MatMulNBits")
+    assert_oracle_chain_exact(model, f"{precision} on MatMulNBits")

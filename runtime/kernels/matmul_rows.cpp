@@ -1,10 +1,10 @@
-// dovetail.MatMulNBitsRows: MatMulNBits (bits 4, symmetric, no zero points) whose every output row is computed
-// the same way however many rows a call runs, and whose unpacked weights serve all of a call's rows.
+// dovetail.MatMulNBitsRows: MatMulNBits (4 or 8 bits, symmetric, no zero points) whose every output row is
+// computed the same way however many rows a call runs, and whose unpacked weights serve all of a call's rows.
 //
 // Why: ORT's MatMulNBits computes a lone row by another path than a row among several (so a verify forward
-// must be padded to stay identical to sequential decoding) and unpacks its int4 weights again for every row
-// (8 rows cost 2.5x one). Here each row's activations are quantized per block to int8 on their own, the
-// products are summed exactly in int32 per block, and the float epilogue runs in one fixed order per row.
+// must be padded to stay identical to sequential decoding) and unpacks its weights again for every row (8 rows
+// cost 2.5x one). Here each row's activations are quantized per block to int8 on their own, the products are
+// summed exactly in int32 per block, and the float epilogue runs in one fixed order per row.
 // AVX-512 VNNI only: the runtime keeps MatMulNBits on CPUs without it (runtime/kernels.py).
 #include <immintrin.h>
 
@@ -20,16 +20,18 @@
 namespace {
 
 constexpr int kTile = 16;     // output columns per zmm of int32 sums
-constexpr int kStep = 8;      // k values per 64 packed bytes: 16 columns x 4 k, twice (low and high nibbles)
 constexpr int kMaxRows = 8;   // rows computed together over one unpacked weight tile
 constexpr int kTilesPerTask = 4;
 // Weights are read once from memory and, for several rows, used at the speed of the dot products: prefetching
 // 2 KiB ahead keeps both going (SmolLM2's 151 matrices, 2 threads: 1 row 3.97 -> 3.05 ms, 8 rows 6.68 -> 3.83).
 constexpr int kPrefetchBytes = 2048;
 
+// k values per 64 packed bytes, 16 columns x 4 k each: twice that at 4 bits (low and high nibbles).
+constexpr int64_t step_of(int64_t bits) { return 32 / bits; }
+
 struct Kernel {
-  int64_t K = 0, N = 0, block = 0, blocks = 0;
-  std::vector<uint8_t> packed;  // [N / 16][K / 8][64]
+  int64_t K = 0, N = 0, block = 0, blocks = 0, bits = 0;
+  std::vector<uint8_t> packed;  // [N / 16][K / step][64]
   std::vector<float> scales;    // [N / 16][blocks][16]
 };
 
@@ -39,7 +41,7 @@ struct Rows {
   int64_t M;
   std::vector<int8_t> q;       // [M][K]
   std::vector<float> scale;    // [M][blocks]
-  std::vector<int32_t> shift;  // [M][blocks]: 8 x the block's sum of q, the weights' zero point times a
+  std::vector<int32_t> shift;  // [M][blocks]: the weights' zero point times the block's sum of q
   float *out;
 };
 
@@ -60,15 +62,16 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void quantize(const float
         _mm_storeu_si128(reinterpret_cast<__m128i *>(rows.q.data() + m * k.K + i), _mm512_cvtsepi32_epi8(v));
       }
       rows.scale[m * k.blocks + b] = amax / 127.f;
-      rows.shift[m * k.blocks + b] = 8 * _mm512_reduce_add_epi32(sum);
+      rows.shift[m * k.blocks + b] = (1 << (k.bits - 1)) * _mm512_reduce_add_epi32(sum);
     }
   }
 }
 
-template <int R>
+template <int R, int Bits>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_rows(const Rows &rows, int64_t tile, int64_t m0) {
+  constexpr int64_t step = step_of(Bits);
   const Kernel &k = *rows.kernel;
-  const uint8_t *w = k.packed.data() + tile * (k.K / kStep) * 64;
+  const uint8_t *w = k.packed.data() + tile * (k.K / step) * 64;
   const float *s = k.scales.data() + tile * k.blocks * kTile;
   const int8_t *a[R];
   for (int r = 0; r < R; r++) a[r] = rows.q.data() + (m0 + r) * k.K;
@@ -79,16 +82,24 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_rows(const Rows
     const int64_t k0 = b * k.block, k1 = std::min(k.K, k0 + k.block);
     __m512i dot[R];
     for (int r = 0; r < R; r++) dot[r] = _mm512_setzero_si512();
-    for (int64_t i = k0; i < k1; i += kStep, w += 64) {
+    for (int64_t i = k0; i < k1; i += step, w += 64) {
       _mm_prefetch(reinterpret_cast<const char *>(w) + kPrefetchBytes, _MM_HINT_T0);
       const __m512i v = _mm512_loadu_si512(w);
-      const __m512i low = _mm512_and_si512(v, nibble), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-      for (int r = 0; r < R; r++) {
-        int32_t a0, a1;
-        std::memcpy(&a0, a[r] + i, 4);
-        std::memcpy(&a1, a[r] + i + 4, 4);
-        dot[r] = _mm512_dpbusd_epi32(dot[r], low, _mm512_set1_epi32(a0));
-        dot[r] = _mm512_dpbusd_epi32(dot[r], high, _mm512_set1_epi32(a1));
+      if constexpr (Bits == 4) {
+        const __m512i low = _mm512_and_si512(v, nibble), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        for (int r = 0; r < R; r++) {
+          int32_t a0, a1;
+          std::memcpy(&a0, a[r] + i, 4);
+          std::memcpy(&a1, a[r] + i + 4, 4);
+          dot[r] = _mm512_dpbusd_epi32(dot[r], low, _mm512_set1_epi32(a0));
+          dot[r] = _mm512_dpbusd_epi32(dot[r], high, _mm512_set1_epi32(a1));
+        }
+      } else {
+        for (int r = 0; r < R; r++) {
+          int32_t a0;
+          std::memcpy(&a0, a[r] + i, 4);
+          dot[r] = _mm512_dpbusd_epi32(dot[r], v, _mm512_set1_epi32(a0));
+        }
       }
     }
     const __m512 weight_scale = _mm512_loadu_ps(s + b * kTile);
@@ -102,6 +113,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_rows(const Rows
   for (int r = 0; r < R; r++) _mm512_storeu_ps(rows.out + (m0 + r) * k.N + tile * kTile, y[r]);
 }
 
+template <int Bits>
 void tiles(void *data, size_t task) {
   const Rows &rows = *static_cast<const Rows *>(data);
   const int64_t tiles = rows.kernel->N / kTile;
@@ -109,33 +121,37 @@ void tiles(void *data, size_t task) {
   for (int64_t t = first; t < last; t++) {
     for (int64_t m0 = 0; m0 < rows.M; m0 += kMaxRows) {
       switch (std::min<int64_t>(kMaxRows, rows.M - m0)) {
-        case 1: tile_rows<1>(rows, t, m0); break;
-        case 2: tile_rows<2>(rows, t, m0); break;
-        case 3: tile_rows<3>(rows, t, m0); break;
-        case 4: tile_rows<4>(rows, t, m0); break;
-        case 5: tile_rows<5>(rows, t, m0); break;
-        case 6: tile_rows<6>(rows, t, m0); break;
-        case 7: tile_rows<7>(rows, t, m0); break;
-        default: tile_rows<8>(rows, t, m0); break;
+        case 1: tile_rows<1, Bits>(rows, t, m0); break;
+        case 2: tile_rows<2, Bits>(rows, t, m0); break;
+        case 3: tile_rows<3, Bits>(rows, t, m0); break;
+        case 4: tile_rows<4, Bits>(rows, t, m0); break;
+        case 5: tile_rows<5, Bits>(rows, t, m0); break;
+        case 6: tile_rows<6, Bits>(rows, t, m0); break;
+        case 7: tile_rows<7, Bits>(rows, t, m0); break;
+        default: tile_rows<8, Bits>(rows, t, m0); break;
       }
     }
   }
 }
 
-// MatMulNBits' B is [N][blocks][block / 2] bytes, element k of a block in the low nibble when k is even.
+// MatMulNBits' B is [N][blocks][block x bits / 8] bytes; at 4 bits element k of a block is in the low nibble
+// when k is even. Packed: per 16-column tile, 64 bytes a step, column c's 4 consecutive k in bytes 4c..4c+3
+// (at 4 bits the next 4 k in the high nibbles).
 void pack(Kernel &k, const uint8_t *b, const float *scales) {
-  const int64_t half = k.block / 2, tiles = k.N / kTile;
+  const int64_t bytes = k.block * k.bits / 8, tiles = k.N / kTile, step = step_of(k.bits);
   auto element = [&](int64_t n, int64_t i) -> uint8_t {
-    const uint8_t byte = b[(n * k.blocks + i / k.block) * half + (i % k.block) / 2];
+    const uint8_t *blob = b + (n * k.blocks + i / k.block) * bytes;
+    if (k.bits == 8) return blob[i % k.block];
+    const uint8_t byte = blob[(i % k.block) / 2];
     return i % 2 ? byte >> 4 : byte & 0x0F;
   };
-  k.packed.assign(static_cast<size_t>(k.N * k.K / 2), 0);
+  k.packed.assign(static_cast<size_t>(k.N * k.K * k.bits / 8), 0);
   uint8_t *out = k.packed.data();
   for (int64_t t = 0; t < tiles; t++)
-    for (int64_t i = 0; i < k.K; i += kStep, out += 64)
+    for (int64_t i = 0; i < k.K; i += step, out += 64)
       for (int j = 0; j < 64; j++) {
         const int64_t n = t * kTile + j / 4, at = i + j % 4;
-        out[j] = static_cast<uint8_t>(element(n, at) | element(n, at + 4) << 4);
+        out[j] = k.bits == 8 ? element(n, at) : static_cast<uint8_t>(element(n, at) | element(n, at + 4) << 4);
       }
   k.scales.resize(static_cast<size_t>(tiles * k.blocks * kTile));
   for (int64_t t = 0; t < tiles; t++)
@@ -152,12 +168,11 @@ OrtStatus *failure(const std::string &message) { return api_call<CreateStatus>(O
 
 OrtStatus *create(const OrtKernelInfo *info, Kernel *&out) {
   auto kernel = std::make_unique<Kernel>();
-  int64_t bits = 0;
   for (auto [name, value] : {std::pair<const char *, int64_t *>{"K", &kernel->K}, {"N", &kernel->N},
-                             {"block_size", &kernel->block}, {"bits", &bits}})
+                             {"block_size", &kernel->block}, {"bits", &kernel->bits}})
     if (OrtStatus *status = api_call<KernelInfoGetAttribute_int64>(info, name, value)) return status;
-  if (bits != 4 || kernel->K % 16 || kernel->N % kTile || kernel->block % 16)
-    return failure("MatMulNBitsRows takes 4 bits, K and block_size in 16s and N in 16s");
+  if ((kernel->bits != 4 && kernel->bits != 8) || kernel->K % 16 || kernel->N % kTile || kernel->block % 16)
+    return failure("MatMulNBitsRows takes 4 or 8 bits, K and block_size in 16s and N in 16s");
   kernel->blocks = (kernel->K + kernel->block - 1) / kernel->block;
   const void *weights[2];
   for (size_t input = 1; input <= 2; input++) {
@@ -204,7 +219,7 @@ OrtStatus *compute(Kernel &kernel, OrtKernelContext *context) {
   rows.out = static_cast<float *>(y);
   quantize(static_cast<const float *>(a), rows);
   const size_t tasks = static_cast<size_t>((kernel.N / kTile + kTilesPerTask - 1) / kTilesPerTask);
-  return api_call<KernelContext_ParallelFor>(context, tiles, tasks, 0, &rows);
+  return api_call<KernelContext_ParallelFor>(context, kernel.bits == 4 ? tiles<4> : tiles<8>, tasks, 0, &rows);
 }
 
 }  // namespace
