@@ -37,7 +37,10 @@ def cpu_supports_rows_kernel() -> bool:
 
 @functools.cache
 def rows_library() -> tuple[Path | None, str]:
-    """(path of the built library, '') or (None, why it is not used)."""
+    """(path of the built library, '') or (None, why it is not used). DOVETAIL_KERNELS=0 turns it off, to compare
+    with or fall back to ONNX Runtime's own kernels."""
+    if os.environ.get("DOVETAIL_KERNELS", "1") == "0":
+        return None, "DOVETAIL_KERNELS=0"
     if not cpu_supports_rows_kernel():
         return None, "this CPU has no AVX-512 VNNI"
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")

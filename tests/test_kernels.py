@@ -101,6 +101,15 @@ def test_a_failed_build_is_a_reason_not_a_crash(monkeypatch, tmp_path):
     assert not list(tmp_path.rglob("*.so"))
 
 
+def test_kernels_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("DOVETAIL_KERNELS", "0")
+    kernels.rows_library.cache_clear()
+    try:
+        assert kernels.rows_library() == (None, "DOVETAIL_KERNELS=0")
+    finally:
+        kernels.rows_library.cache_clear()
+
+
 def test_a_cpu_without_vnni_keeps_ort_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "cpu_supports_rows_kernel", lambda: False)
     kernels.rows_library.cache_clear()
