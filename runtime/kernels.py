@@ -50,14 +50,18 @@ def rows_library() -> tuple[Path | None, str]:
     library = cache_folder() / f"libdovetail_rows-{digest}.so"
     if library.is_file():
         return library, ""
-    library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-        built = Path(tmp) / library.name
-        run = subprocess.run([compiler, *COMPILE, str(SOURCES[0]), "-o", str(built)], capture_output=True, text=True)
-        if run.returncode:
-            first = next((line for line in run.stderr.splitlines() if "error" in line), run.stderr.strip()[:200])
-            return None, f"building it failed ({first})"
-        os.replace(built, library)
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+            built = Path(tmp) / library.name
+            run = subprocess.run([compiler, *COMPILE, str(SOURCES[0]), "-o", str(built)], capture_output=True,
+                                 text=True)
+            if run.returncode:
+                first = next((line for line in run.stderr.splitlines() if "error" in line), run.stderr.strip()[:200])
+                return None, f"building it failed ({first})"
+            os.replace(built, library)
+    except OSError as exc:  # an unwritable cache folder, a CXX that does not exist
+        return None, f"building it failed ({exc.strerror or exc}: {exc.filename}; set DOVETAIL_CACHE or CXX)"
     return library, ""
 
 

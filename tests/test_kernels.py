@@ -101,6 +101,21 @@ def test_a_failed_build_is_a_reason_not_a_crash(monkeypatch, tmp_path):
     assert not list(tmp_path.rglob("*.so"))
 
 
+@pytest.mark.parametrize("setting", ["CXX", "DOVETAIL_CACHE"])
+def test_a_missing_compiler_or_unwritable_cache_is_a_reason_not_a_crash(monkeypatch, tmp_path, setting):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
+    monkeypatch.setenv(setting, str(tmp_path / "no-such-compiler") if setting == "CXX" else str(blocked))
+    monkeypatch.setattr(kernels, "cpu_supports_rows_kernel", lambda: True)
+    kernels.rows_library.cache_clear()
+    try:
+        library, why = kernels.rows_library()
+    finally:
+        kernels.rows_library.cache_clear()
+    assert library is None and why.startswith("building it failed") and "set DOVETAIL_CACHE or CXX" in why
+
+
 def test_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("DOVETAIL_KERNELS", "0")
     kernels.rows_library.cache_clear()
