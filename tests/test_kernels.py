@@ -88,50 +88,34 @@ def test_without_the_kernel_the_target_runs_ort_kernels_and_says_why(quantized, 
     assert why in capsys.readouterr().err
 
 
-def test_a_failed_build_is_a_reason_not_a_crash(monkeypatch, tmp_path):
+@pytest.fixture
+def unbuilt(monkeypatch, tmp_path):
+    """rows_library() asked afresh, on a CPU it takes, with an empty cache folder; forgotten again afterwards."""
     monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", "false")
     monkeypatch.setattr(kernels, "cpu_supports_rows_kernel", lambda: True)
     kernels.rows_library.cache_clear()
-    try:
-        library, why = kernels.rows_library()
-    finally:
-        kernels.rows_library.cache_clear()
+    yield tmp_path
+    kernels.rows_library.cache_clear()
+
+
+@pytest.mark.parametrize("setting, value", [("CXX", "false"), ("CXX", "no-such-compiler"), ("DOVETAIL_CACHE", "file")])
+def test_a_failed_build_is_a_reason_not_a_crash(unbuilt, monkeypatch, setting, value):
+    """A compiler that fails or does not exist, or a cache folder that cannot be made."""
+    (unbuilt / "file").write_text("")
+    monkeypatch.setenv(setting, value if value == "false" else str(unbuilt / value))
+    library, why = kernels.rows_library()
     assert library is None and why.startswith("building it failed")
-    assert not list(tmp_path.rglob("*.so"))
+    assert not list(unbuilt.rglob("*.so"))
 
 
-@pytest.mark.parametrize("setting", ["CXX", "DOVETAIL_CACHE"])
-def test_a_missing_compiler_or_unwritable_cache_is_a_reason_not_a_crash(monkeypatch, tmp_path, setting):
-    blocked = tmp_path / "file"
-    blocked.write_text("")
-    monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
-    monkeypatch.setenv(setting, str(tmp_path / "no-such-compiler") if setting == "CXX" else str(blocked))
-    monkeypatch.setattr(kernels, "cpu_supports_rows_kernel", lambda: True)
-    kernels.rows_library.cache_clear()
-    try:
-        library, why = kernels.rows_library()
-    finally:
-        kernels.rows_library.cache_clear()
-    assert library is None and why.startswith("building it failed") and "set DOVETAIL_CACHE or CXX" in why
-
-
-def test_kernels_can_be_turned_off(monkeypatch):
+def test_kernels_can_be_turned_off(unbuilt, monkeypatch):
     monkeypatch.setenv("DOVETAIL_KERNELS", "0")
-    kernels.rows_library.cache_clear()
-    try:
-        assert kernels.rows_library() == (None, "DOVETAIL_KERNELS=0")
-    finally:
-        kernels.rows_library.cache_clear()
+    assert kernels.rows_library() == (None, "DOVETAIL_KERNELS=0")
 
 
-def test_a_cpu_without_vnni_keeps_ort_kernels(monkeypatch):
+def test_a_cpu_without_vnni_keeps_ort_kernels(unbuilt, monkeypatch):
     monkeypatch.setattr(kernels, "cpu_supports_rows_kernel", lambda: False)
-    kernels.rows_library.cache_clear()
-    try:
-        assert kernels.rows_library() == (None, "this CPU has no AVX-512 VNNI")
-    finally:
-        kernels.rows_library.cache_clear()
+    assert kernels.rows_library() == (None, "this CPU has no AVX-512 VNNI")
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
