@@ -52,9 +52,9 @@ def open_session(path: Path, device: str, threads: int | None, role: str, spin: 
         raise DovetailError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
     want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+    options = session_options(threads, spin, libraries)
     try:
-        session = ort.InferenceSession(str(path), session_options(threads, spin, libraries),
-                                       providers=providers)
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; all mean a bad graph file
         raise DovetailError(f"cannot load {path}: {str(exc).splitlines()[0]}; re-export the artifact") from exc
     used = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"

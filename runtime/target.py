@@ -34,8 +34,8 @@ class Target:
             if library:
                 graph, libraries = path.with_name(spec.kernel_file), (library,)
             else:
-                print(f"note: the quantized target runs onnxruntime's MatMulNBits, not dovetail's row kernel ({why}): "
-                      "verify forwards are padded to an exact row multiple and cost more per row", file=sys.stderr)
+                print(f"note: the quantized target runs onnxruntime's MatMulNBits, not dovetail's row kernel ({why}), "
+                      "so verify rows cost more", file=sys.stderr)
         self.graph = graph
         self.session, self.device = open_session(graph, "cpu", threads, "target", libraries=libraries)
         names = SharedKVCache.graph_names(spec.num_layers)

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dovetail_onnx.runtime import Model, kernels
+from dovetail_onnx.runtime import DovetailError, Model, kernels
 from dovetail_onnx.runtime.target import Target
 
 LIBRARY, WHY = kernels.rows_library()
@@ -106,6 +106,15 @@ def test_a_failed_build_is_a_reason_not_a_crash(unbuilt, monkeypatch, setting, v
     library, why = kernels.rows_library()
     assert library is None and why.startswith("building it failed")
     assert not list(unbuilt.rglob("*.so"))
+
+
+def test_a_library_onnxruntime_cannot_load_is_one_line(quantized, tmp_path, monkeypatch):
+    broken = tmp_path / "libbroken.so"
+    broken.write_bytes(b"not a library")
+    monkeypatch.setattr("dovetail_onnx.runtime.target.rows_library", lambda: (broken, ""))
+    manifest = quantized["int4"].manifest
+    with pytest.raises(DovetailError, match=f"cannot load kernel library {broken}: .*; delete it to rebuild it$"):
+        Target(manifest.folder / manifest.target.file, manifest.target, threads=1)
 
 
 def test_kernels_can_be_turned_off(unbuilt, monkeypatch):
