@@ -3,8 +3,8 @@
 ORT's MatMulNBits computes a lone row by another path than a row among several and unpacks its weights again
 for every row, so a quantized verify forward must be padded to stay exact and costs almost linearly in rows.
 `MatMulNBitsRows` (kernels/matmul_rows.cpp) computes every row alike and unpacks each weight tile once for up to
-8 rows. It is C++ with AVX-512 VNNI intrinsics, compiled once per source version into the cache folder; where no
-compiler or no such CPU is found, the runtime keeps MatMulNBits and says why.
+8 rows. It is C++ with AVX-512 VNNI intrinsics (AVX2 on CPUs without them), compiled once per source version into
+the cache folder; where no compiler or no such CPU is found, the runtime keeps MatMulNBits and says why.
 """
 from __future__ import annotations
 
@@ -27,12 +27,13 @@ def cache_folder() -> Path:
 
 
 def cpu_supports_rows_kernel() -> bool:
-    """AVX-512 BW and VNNI, read from the kernel's own flags list (Linux); other systems keep MatMulNBits."""
+    """AVX2 and FMA at least (AVX-512 VNNI is used where present), read from the kernel's own flags list (Linux);
+    other systems keep MatMulNBits."""
     try:
         flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
     except (OSError, IndexError):
         return False
-    return {"avx512f", "avx512bw", "avx512_vnni"} <= set(flags)
+    return {"avx2", "fma"} <= set(flags)
 
 
 @functools.cache
@@ -42,7 +43,7 @@ def rows_library() -> tuple[Path | None, str]:
     if os.environ.get("DOVETAIL_KERNELS", "1") == "0":
         return None, "DOVETAIL_KERNELS=0"
     if not cpu_supports_rows_kernel():
-        return None, "this CPU has no AVX-512 VNNI"
+        return None, "this CPU has no AVX2"
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
         return None, "no C++ compiler found (install g++ or set CXX)"

@@ -5,11 +5,13 @@
 // must be padded to stay identical to sequential decoding) and unpacks its weights again for every row (8 rows
 // cost 2.5x one). Here each row's activations are quantized per block to int8 on their own, the products are
 // summed exactly in int32 per block, and the float epilogue runs in one fixed order per row.
-// AVX-512 VNNI only: the runtime keeps MatMulNBits on CPUs without it (runtime/kernels.py).
+// AVX-512 VNNI where the CPU has it (one vpdpbusd per 64 products), else AVX2 (vpmaddubsw + vpmaddwd, 4 rows at
+// a time); DOVETAIL_KERNEL_ISA=avx2 picks the latter anywhere. Without AVX2 the runtime keeps MatMulNBits.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -20,7 +22,7 @@
 namespace {
 
 constexpr int kTile = 16;     // output columns per zmm of int32 sums
-constexpr int kMaxRows = 8;   // rows computed together over one unpacked weight tile
+constexpr int kMaxRows = 8;   // rows computed together over one unpacked weight tile (AVX2: 4, its 16 registers)
 constexpr int kTilesPerTask = 4;
 // Weights are read once from memory and, for several rows, used at the speed of the dot products: prefetching
 // 2 KiB ahead keeps both going (SmolLM2's 151 matrices, 2 threads: 1 row 3.97 -> 3.05 ms, 8 rows 6.68 -> 3.83).
@@ -29,8 +31,12 @@ constexpr int kPrefetchBytes = 2048;
 // k values per 64 packed bytes, 16 columns x 4 k each: twice that at 4 bits (low and high nibbles).
 constexpr int64_t step_of(int64_t bits) { return 32 / bits; }
 
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define AVX2 __attribute__((target("avx2,fma")))
+
 struct Kernel {
   int64_t K = 0, N = 0, block = 0, blocks = 0, bits = 0;
+  bool wide = true;             // AVX-512 VNNI, else AVX2
   std::vector<uint8_t> packed;  // [N / 16][K / step][64]
   std::vector<float> scales;    // [N / 16][blocks][16]
 };
@@ -45,7 +51,7 @@ struct Rows {
   float *out;
 };
 
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void quantize(const float *a, Rows &rows) {
+AVX512 void quantize(const float *a, Rows &rows) {
   const Kernel &k = *rows.kernel;
   for (int64_t m = 0; m < rows.M; m++) {
     const float *x = a + m * k.K;
@@ -67,8 +73,38 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void quantize(const float
   }
 }
 
+AVX2 void quantize_avx2(const float *a, Rows &rows) {
+  const Kernel &k = *rows.kernel;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t m = 0; m < rows.M; m++) {
+    const float *x = a + m * k.K;
+    for (int64_t b = 0; b < k.blocks; b++) {
+      const int64_t k0 = b * k.block, k1 = std::min(k.K, k0 + k.block);
+      __m256 peak = _mm256_setzero_ps();
+      for (int64_t i = k0; i < k1; i += 8) peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, peak);
+      const float amax = *std::max_element(lanes, lanes + 8);
+      const __m256 inverse = _mm256_set1_ps(amax > 0 ? 127.f / amax : 0.f);
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t i = k0; i < k1; i += 8) {
+        const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), inverse));
+        sum = _mm256_add_epi32(sum, v);
+        const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i *>(rows.q.data() + m * k.K + i), _mm_packs_epi16(words, words));
+      }
+      alignas(32) int32_t sums[8];
+      _mm256_store_si256(reinterpret_cast<__m256i *>(sums), sum);
+      int32_t total = 0;
+      for (int32_t part : sums) total += part;
+      rows.scale[m * k.blocks + b] = amax / 127.f;
+      rows.shift[m * k.blocks + b] = (1 << (k.bits - 1)) * total;
+    }
+  }
+}
+
 template <int R, int Bits>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_rows(const Rows &rows, int64_t tile, int64_t m0) {
+AVX512 void tile_rows(const Rows &rows, int64_t tile, int64_t m0) {
   constexpr int64_t step = step_of(Bits);
   const Kernel &k = *rows.kernel;
   const uint8_t *w = k.packed.data() + tile * (k.K / step) * 64;
@@ -113,22 +149,98 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_rows(const Rows
   for (int r = 0; r < R; r++) _mm512_storeu_ps(rows.out + (m0 + r) * k.N + tile * kTile, y[r]);
 }
 
+// The same packed lines as two 32-byte halves of 8 columns. 4-bit weights times int8 activations fit
+// vpmaddubsw's 16-bit pair sums (15 x 127 x 2); 8-bit ones do not, so they are widened to 16 bits for vpmaddwd,
+// which leaves column sums in the order 0 1 4 5 2 3 6 7, put right once a block. Output rows accumulate in place.
+template <int R, int Bits>
+AVX2 void tile_rows_avx2(const Rows &rows, int64_t tile, int64_t m0) {
+  constexpr int64_t step = step_of(Bits);
+  const Kernel &k = *rows.kernel;
+  const uint8_t *w = k.packed.data() + tile * (k.K / step) * 64;
+  const float *s = k.scales.data() + tile * k.blocks * kTile;
+  const int8_t *a[R];
+  float *y[R];
+  for (int r = 0; r < R; r++) {
+    a[r] = rows.q.data() + (m0 + r) * k.K;
+    y[r] = rows.out + (m0 + r) * k.N + tile * kTile;
+    _mm256_storeu_ps(y[r], _mm256_setzero_ps());
+    _mm256_storeu_ps(y[r] + 8, _mm256_setzero_ps());
+  }
+  const __m256i nibble = _mm256_set1_epi8(0x0F), pairs = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < k.blocks; b++) {
+    const int64_t k0 = b * k.block, k1 = std::min(k.K, k0 + k.block);
+    __m256i dot[R][2];
+    for (int r = 0; r < R; r++) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+    for (int64_t i = k0; i < k1; i += step, w += 64) {
+      _mm_prefetch(reinterpret_cast<const char *>(w) + kPrefetchBytes, _MM_HINT_T0);
+      for (int h = 0; h < 2; h++) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + 32 * h));
+        if constexpr (Bits == 4) {
+          const __m256i low = _mm256_and_si256(v, nibble);
+          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+          for (int r = 0; r < R; r++) {
+            int32_t a0, a1;
+            std::memcpy(&a0, a[r] + i, 4);
+            std::memcpy(&a1, a[r] + i + 4, 4);
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(low, _mm256_set1_epi32(a0)), pairs);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(high, _mm256_set1_epi32(a1)), pairs);
+            dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+          }
+        } else {
+          const __m256i first = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v));
+          const __m256i second = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1));
+          for (int r = 0; r < R; r++) {
+            int32_t a0;
+            std::memcpy(&a0, a[r] + i, 4);
+            const __m256i x = _mm256_cvtepi8_epi16(_mm_set1_epi32(a0));
+            dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_hadd_epi32(_mm256_madd_epi16(first, x),
+                                                                      _mm256_madd_epi16(second, x)));
+          }
+        }
+      }
+    }
+    for (int h = 0; h < 2; h++) {
+      const __m256 weight_scale = _mm256_loadu_ps(s + b * kTile + 8 * h);
+      for (int r = 0; r < R; r++) {
+        const int64_t at = (m0 + r) * k.blocks + b;
+        __m256i sums = dot[r][h];
+        if constexpr (Bits == 8) sums = _mm256_permute4x64_epi64(sums, 0xD8);
+        const __m256i exact = _mm256_sub_epi32(sums, _mm256_set1_epi32(rows.shift[at]));
+        _mm256_storeu_ps(y[r] + 8 * h, _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact),
+                                                       _mm256_mul_ps(weight_scale, _mm256_set1_ps(rows.scale[at])),
+                                                       _mm256_loadu_ps(y[r] + 8 * h)));
+      }
+    }
+  }
+}
+
 template <int Bits>
 void tiles(void *data, size_t task) {
   const Rows &rows = *static_cast<const Rows *>(data);
   const int64_t tiles = rows.kernel->N / kTile;
   const int64_t first = static_cast<int64_t>(task) * kTilesPerTask, last = std::min(tiles, first + kTilesPerTask);
   for (int64_t t = first; t < last; t++) {
-    for (int64_t m0 = 0; m0 < rows.M; m0 += kMaxRows) {
-      switch (std::min<int64_t>(kMaxRows, rows.M - m0)) {
-        case 1: tile_rows<1, Bits>(rows, t, m0); break;
-        case 2: tile_rows<2, Bits>(rows, t, m0); break;
-        case 3: tile_rows<3, Bits>(rows, t, m0); break;
-        case 4: tile_rows<4, Bits>(rows, t, m0); break;
-        case 5: tile_rows<5, Bits>(rows, t, m0); break;
-        case 6: tile_rows<6, Bits>(rows, t, m0); break;
-        case 7: tile_rows<7, Bits>(rows, t, m0); break;
-        default: tile_rows<8, Bits>(rows, t, m0); break;
+    if (rows.kernel->wide) {
+      for (int64_t m0 = 0; m0 < rows.M; m0 += kMaxRows) {
+        switch (std::min<int64_t>(kMaxRows, rows.M - m0)) {
+          case 1: tile_rows<1, Bits>(rows, t, m0); break;
+          case 2: tile_rows<2, Bits>(rows, t, m0); break;
+          case 3: tile_rows<3, Bits>(rows, t, m0); break;
+          case 4: tile_rows<4, Bits>(rows, t, m0); break;
+          case 5: tile_rows<5, Bits>(rows, t, m0); break;
+          case 6: tile_rows<6, Bits>(rows, t, m0); break;
+          case 7: tile_rows<7, Bits>(rows, t, m0); break;
+          default: tile_rows<8, Bits>(rows, t, m0); break;
+        }
+      }
+    } else {
+      for (int64_t m0 = 0; m0 < rows.M; m0 += 4) {
+        switch (std::min<int64_t>(4, rows.M - m0)) {
+          case 1: tile_rows_avx2<1, Bits>(rows, t, m0); break;
+          case 2: tile_rows_avx2<2, Bits>(rows, t, m0); break;
+          case 3: tile_rows_avx2<3, Bits>(rows, t, m0); break;
+          default: tile_rows_avx2<4, Bits>(rows, t, m0); break;
+        }
       }
     }
   }
@@ -174,6 +286,9 @@ OrtStatus *create(const OrtKernelInfo *info, Kernel *&out) {
   if ((kernel->bits != 4 && kernel->bits != 8) || kernel->K % 16 || kernel->N % kTile || kernel->block % 16)
     return failure("MatMulNBitsRows takes 4 or 8 bits, K and block_size in 16s and N in 16s");
   kernel->blocks = (kernel->K + kernel->block - 1) / kernel->block;
+  const char *isa = std::getenv("DOVETAIL_KERNEL_ISA");
+  kernel->wide = !(isa && std::string(isa) == "avx2") && __builtin_cpu_supports("avx512vnni") &&
+                 __builtin_cpu_supports("avx512bw");
   const void *weights[2];
   for (size_t input = 1; input <= 2; input++) {
     int constant = 0;
@@ -217,7 +332,7 @@ OrtStatus *compute(Kernel &kernel, OrtKernelContext *context) {
   rows.scale.resize(static_cast<size_t>(rows_count * kernel.blocks));
   rows.shift.resize(rows.scale.size());
   rows.out = static_cast<float *>(y);
-  quantize(static_cast<const float *>(a), rows);
+  (kernel.wide ? quantize : quantize_avx2)(static_cast<const float *>(a), rows);
   const size_t tasks = static_cast<size_t>((kernel.N / kTile + kTilesPerTask - 1) / kTilesPerTask);
   return api_call<KernelContext_ParallelFor>(context, kernel.bits == 4 ? tiles<4> : tiles<8>, tasks, 0, &rows);
 }
@@ -256,8 +371,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(O
                                                                               const OrtApiBase *base) {
   ort_api_table = static_cast<const void *const *>(base->GetApi(kOrtApiVersion));
   if (!ort_api_table) return nullptr;  // an ORT older than 1.17 cannot even report the problem; the runtime checks
-  if (!__builtin_cpu_supports("avx512vnni") || !__builtin_cpu_supports("avx512bw"))
-    return failure("MatMulNBitsRows needs AVX-512 VNNI");
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return failure("MatMulNBitsRows needs AVX2");
   OrtCustomOpDomain *domain = nullptr;
   if (OrtStatus *status = api_call<CreateCustomOpDomain>("dovetail", &domain)) return status;
   if (OrtStatus *status = api_call<CustomOpDomain_Add>(domain, &rows_op)) return status;
