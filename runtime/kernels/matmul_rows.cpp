@@ -41,6 +41,10 @@ struct Kernel {
   std::vector<float> scales;    // [N / 16][blocks][16]
 };
 
+// Where a 16-column tile's packed weights and its scales start.
+const uint8_t *tile_weights(const Kernel &k, int64_t tile) { return k.packed.data() + tile * k.K * k.bits * 2; }
+const float *tile_scales(const Kernel &k, int64_t tile) { return k.scales.data() + tile * k.blocks * kTile; }
+
 // Activations of one call, quantized per row and block: a row's values depend on that row alone.
 struct Rows {
   const Kernel *kernel;
@@ -107,8 +111,8 @@ template <int R, int Bits>
 AVX512 void tile_rows(const Rows &rows, int64_t tile, int64_t m0) {
   constexpr int64_t step = step_of(Bits);
   const Kernel &k = *rows.kernel;
-  const uint8_t *w = k.packed.data() + tile * (k.K / step) * 64;
-  const float *s = k.scales.data() + tile * k.blocks * kTile;
+  const uint8_t *w = tile_weights(k, tile);
+  const float *s = tile_scales(k, tile);
   const int8_t *a[R];
   for (int r = 0; r < R; r++) a[r] = rows.q.data() + (m0 + r) * k.K;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
@@ -156,8 +160,8 @@ template <int R, int Bits>
 AVX2 void tile_rows_avx2(const Rows &rows, int64_t tile, int64_t m0) {
   constexpr int64_t step = step_of(Bits);
   const Kernel &k = *rows.kernel;
-  const uint8_t *w = k.packed.data() + tile * (k.K / step) * 64;
-  const float *s = k.scales.data() + tile * k.blocks * kTile;
+  const uint8_t *w = tile_weights(k, tile);
+  const float *s = tile_scales(k, tile);
   const int8_t *a[R];
   float *y[R];
   for (int r = 0; r < R; r++) {
