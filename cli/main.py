@@ -236,7 +236,7 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, m
     info = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "precision": model.manifest.target.precision,
             "step_ms": step_ms,
             "draft_provider": model.drafter.session.get_providers()[0], "draft_graph": model.drafter.graph,
-            "target_provider": model.target.session.get_providers()[0]}
+            "target_provider": model.target.session.get_providers()[0], "target_graph": model.target.graph.name}
     if run.genai:
         genai_speed = run.genai.tokens_per_s
         info["genai"] = {"tokens_per_s": round(genai_speed, 2),
@@ -255,7 +255,7 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, m
         click.echo(json.dumps({**info, **best, "runs": summaries, "per_prompt": [r.per_prompt for r in run.results]}))
         return
     table = Table(title=f"{prompt_file.name}: {len(prompts)} prompts × {max_new_tokens} tokens, "
-                        f"{info['precision']} target, draft on {info['draft_provider']}")
+                        f"{info['precision']} target ({info['target_graph']}), draft on {info['draft_provider']}")
     for column in ("top_k", "depth", "tree", "min p", "sizing", "τ", "copied", "tok/s", "baseline tok/s", "speedup",
                    "identical", "draft ms", "drafts", "verify ms", "host ms"):
         table.add_column(column, justify="right")

@@ -70,7 +70,7 @@ def test_bench_reports_exact_outputs_and_sweeps(artifacts, tmp_path):
                                        "12", "--tree-tokens", "4,8", "--draft-device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["identical"] is True and out["prompts"] == 2
+    assert out["identical"] is True and out["prompts"] == 2 and out["target_graph"] == "target.onnx"
     assert [run["tree_tokens"] for run in out["runs"]] == [4, 8]
     for key in ("mean_accepted", "speedup", "tokens_per_s", "baseline_tokens_per_s"):
         assert key in out
