@@ -276,10 +276,6 @@ void pack(Kernel &k, const uint8_t *b, const float *scales) {
         k.scales[(t * k.blocks + blk) * kTile + c] = scales[(t * kTile + c) * k.blocks + blk];
 }
 
-}  // namespace
-
-namespace {
-
 OrtStatus *failure(const std::string &message) { return api_call<CreateStatus>(ORT_FAIL, message.c_str()); }
 
 OrtStatus *create(const OrtKernelInfo *info, Kernel *&out) {
@@ -341,8 +337,6 @@ OrtStatus *compute(Kernel &kernel, OrtKernelContext *context) {
   return api_call<KernelContext_ParallelFor>(context, kernel.bits == 4 ? tiles<4> : tiles<8>, tasks, 0, &rows);
 }
 
-}  // namespace
-
 // The operator's schema: Y (float) = A (float, [..., K]) x B (MatMulNBits' uint8 weights) with float scales.
 OrtCustomOp make_op() {
   OrtCustomOp op{};
@@ -371,10 +365,12 @@ OrtCustomOp make_op() {
 
 const OrtCustomOp rows_op = make_op();
 
+}  // namespace
+
 extern "C" __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options,
                                                                               const OrtApiBase *base) {
   ort_api_table = static_cast<const void *const *>(base->GetApi(kOrtApiVersion));
-  if (!ort_api_table) return nullptr;  // an ORT older than 1.17 cannot even report the problem; the runtime checks
+  if (!ort_api_table) return nullptr;  // an ORT older than 1.17 cannot even report it (the package pins 1.31)
   if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return failure("MatMulNBitsRows needs AVX2");
   OrtCustomOpDomain *domain = nullptr;
   if (OrtStatus *status = api_call<CreateCustomOpDomain>("dovetail", &domain)) return status;
