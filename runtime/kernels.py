@@ -16,6 +16,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from dovetail_onnx.runtime.errors import DovetailError
+
 SOURCES = [Path(__file__).parent / "kernels" / name for name in ("matmul_rows.cpp", "ort_abi.h")]
 DOMAIN, ROWS_OP = "dovetail", "MatMulNBitsRows"
 COMPILE = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
@@ -39,8 +41,14 @@ def cpu_supports_rows_kernel() -> bool:
 @functools.cache
 def rows_library() -> tuple[Path | None, str]:
     """(path of the built library, '') or (None, why it is not used). DOVETAIL_KERNELS=0 turns it off, to compare
-    with or fall back to ONNX Runtime's own kernels."""
-    if os.environ.get("DOVETAIL_KERNELS", "1") == "0":
+    with or fall back to ONNX Runtime's own kernels; DOVETAIL_KERNEL_ISA=avx2 makes it take its AVX2 path."""
+    if (switch := os.environ.get("DOVETAIL_KERNELS", "1")) not in ("0", "1"):
+        raise DovetailError(f"DOVETAIL_KERNELS={switch} is neither 0 nor 1; set 0 for ONNX Runtime's own kernels, "
+                            "1 (or unset it) for dovetail's")
+    if (isa := os.environ.get("DOVETAIL_KERNEL_ISA", "avx2")) != "avx2":
+        raise DovetailError(f"DOVETAIL_KERNEL_ISA={isa} is not avx2, the one path it can choose; unset it to let the "
+                            "CPU decide")
+    if switch == "0":
         return None, "DOVETAIL_KERNELS=0"
     if not cpu_supports_rows_kernel():
         return None, "this CPU has no AVX2"

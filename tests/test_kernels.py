@@ -130,6 +130,13 @@ def test_kernels_can_be_turned_off(unbuilt, monkeypatch):
     assert kernels.rows_library() == (None, "DOVETAIL_KERNELS=0")
 
 
+@pytest.mark.parametrize("name, value", [("DOVETAIL_KERNELS", "off"), ("DOVETAIL_KERNEL_ISA", "avx512")])
+def test_a_bad_kernel_setting_is_one_line_naming_it(unbuilt, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(DovetailError, match=f"^{name}={value} is .*; (set|unset) "):
+        kernels.rows_library()
+
+
 def test_a_cpu_without_avx2_keeps_ort_kernels(unbuilt, monkeypatch):
     monkeypatch.setattr(kernels, "cpu_supports_rows_kernel", lambda: False)
     assert kernels.rows_library() == (None, "this CPU has no AVX2")
