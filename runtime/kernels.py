@@ -74,7 +74,9 @@ def rows_library() -> tuple[Path | None, str]:
     return library, ""
 
 
-def rows_kernel_takes(bits: int, k: int, n: int, block_size: int, inputs: int) -> bool:
-    """Which MatMulNBits nodes MatMulNBitsRows computes: 4 or 8 bits, symmetric (A, B and scales only: no zero
-    points, group index or bias), whole 16-column tiles, and K and the block in whole 16-value vectors."""
-    return bits in (4, 8) and inputs == 3 and n % 16 == 0 and k % 16 == 0 and block_size % 16 == 0
+def rows_kernel_takes(bits: int, k: int, n: int, block_size: int, inputs: int, float_zero_points: bool = False) -> bool:
+    """Which MatMulNBits nodes MatMulNBitsRows computes: 4 or 8 bits, symmetric (A, B and scales) or with float
+    zero points as a fourth input (no packed ones, group index or bias), whole 16-column tiles, and K and the block
+    in whole 16-value vectors."""
+    return (bits in (4, 8) and (inputs == 3 or inputs == 4 and float_zero_points) and n % 16 == 0 and k % 16 == 0
+            and block_size % 16 == 0)

@@ -16,16 +16,24 @@ needs_kernel = pytest.mark.skipif(LIBRARY is None, reason=f"the row kernel does 
 SHAPES = [(64, 320, 128), (576, 96, 128), (1536, 48, 32), (16, 16, 16)]
 
 
-def one_node(op: str, domain: str, k: int, n: int, block: int, bits: int, seed: int) -> bytes:
+def node_weights(k: int, n: int, block: int, bits: int, seed: int, zero_points: bool = False) -> dict[str, np.ndarray]:
+    """MatMulNBits' B and scales (and float zero points, as a GGUF Q4_1 block has them) of random weights."""
     rng = np.random.default_rng(seed)
     blocks = -(-k // block)
-    weights = rng.integers(0, 256, size=(n, blocks, block * bits // 8), dtype=np.uint8)
-    scales = rng.random(n * blocks, dtype=np.float32) * 0.02
-    node = helper.make_node(op, ["A", "B", "scales"], ["Y"], domain=domain, K=k, N=n, bits=bits, block_size=block,
+    weights = {"B": rng.integers(0, 256, size=(n, blocks, block * bits // 8), dtype=np.uint8),
+               "scales": rng.random(n * blocks, dtype=np.float32) * 0.02}
+    if zero_points:
+        weights["zero_points"] = rng.random(n * blocks, dtype=np.float32) * 2 ** bits
+    return weights
+
+
+def one_node(op: str, domain: str, k: int, n: int, block: int, bits: int, seed: int, zero_points: bool = False) -> bytes:
+    weights = node_weights(k, n, block, bits, seed, zero_points)
+    node = helper.make_node(op, ["A", *weights], ["Y"], domain=domain, K=k, N=n, bits=bits, block_size=block,
                             accuracy_level=4)
     graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, "M", k])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(weights, "B"), numpy_helper.from_array(scales, "scales")])
+                              [numpy_helper.from_array(value, name) for name, value in weights.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
     model.ir_version = 10
     return model.SerializeToString()
@@ -71,11 +79,44 @@ def test_results_are_matmulnbits_ones(k, n, block, bits, isa):
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4 * np.abs(reference).max())
 
 
+def int8_arithmetic(a: np.ndarray, k: int, n: int, block: int, bits: int, seed: int) -> np.ndarray:
+    """The kernel's sums in NumPy: activations rounded to int8 per row and block, exact integer products, and
+    w = scale x q + min with min = -scale x zero point."""
+    weights = node_weights(k, n, block, bits, seed, zero_points=True)
+    blocks = -(-k // block)
+    packed = weights["B"].astype(np.int64)
+    q = packed if bits == 8 else np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, blocks, block)
+    scales = weights["scales"].reshape(n, blocks)
+    mins = -scales * weights["zero_points"].reshape(n, blocks)
+    x = np.pad(a.reshape(-1, k), ((0, 0), (0, blocks * block - k))).reshape(-1, blocks, block)
+    amax = np.abs(x).max(axis=2, keepdims=True)
+    xq = np.rint(x * np.where(amax > 0, np.float32(127) / amax, 0)).astype(np.int64)
+    dots = np.einsum("mbk,nbk->mnb", xq, q[:, :, : block])
+    x_scale, x_sums = (amax / np.float32(127))[..., 0], xq.sum(axis=2)
+    return (dots * scales * x_scale[:, None] + mins * (x_scale * x_sums)[:, None]).sum(axis=2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k, n, block", SHAPES)
+def test_float_zero_points_keep_rows_alike_and_add_each_blocks_min(k, n, block, bits, isa):
+    """GGUF's Q4_1 blocks (w = d q + m) run as zero points -m/d; ORT's own kernel has no fast path for them."""
+    model = one_node(kernels.ROWS_OP, kernels.DOMAIN, k, n, block, bits, seed=k, zero_points=True)
+    rows = session(model, LIBRARY)
+    a = np.random.default_rng(3).standard_normal((1, 9, k), dtype=np.float32)
+    together = rows.run(None, {"A": a})[0]
+    for m in range(9):
+        np.testing.assert_array_equal(rows.run(None, {"A": a[:, m : m + 1]})[0][0, 0], together[0, m])
+    expected = int8_arithmetic(a, k, n, block, bits, seed=k)
+    np.testing.assert_allclose(together[0], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
 def test_which_nodes_the_kernel_takes():
     assert kernels.rows_kernel_takes(bits=4, k=576, n=960, block_size=128, inputs=3)
     assert kernels.rows_kernel_takes(bits=8, k=576, n=960, block_size=32, inputs=3)
     assert not kernels.rows_kernel_takes(bits=2, k=576, n=960, block_size=128, inputs=3)
-    assert not kernels.rows_kernel_takes(bits=4, k=576, n=960, block_size=128, inputs=4)  # zero points
+    assert kernels.rows_kernel_takes(bits=4, k=576, n=960, block_size=32, inputs=4, float_zero_points=True)
+    assert not kernels.rows_kernel_takes(bits=4, k=576, n=960, block_size=128, inputs=4)  # packed zero points
     assert not kernels.rows_kernel_takes(bits=4, k=576, n=968, block_size=128, inputs=3)  # a partial tile
 
 

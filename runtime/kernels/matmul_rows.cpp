@@ -1,5 +1,5 @@
-// dovetail.MatMulNBitsRows: MatMulNBits (4 or 8 bits, symmetric, no zero points) whose every output row is
-// computed the same way however many rows a call runs, and whose unpacked weights serve all of a call's rows.
+// dovetail.MatMulNBitsRows: MatMulNBits (4 or 8 bits, symmetric or with float zero points) whose every output
+// row is computed the same way however many rows a call runs, and whose unpacked weights serve all of its rows.
 //
 // Why: ORT's MatMulNBits computes a lone row by another path than a row among several (so a verify forward
 // must be padded to stay identical to sequential decoding) and unpacks its weights again for every row (8 rows
@@ -39,11 +39,16 @@ struct Kernel {
   bool wide = true;             // AVX-512 VNNI, else AVX2
   std::vector<uint8_t> packed;  // [N / 16][K / step][64]
   std::vector<float> scales;    // [N / 16][blocks][16]
+  // With float zero points w = scale x q + min, min = -scale x zero point: a GGUF Q4_1 block's own form.
+  std::vector<float> mins;      // [N / 16][blocks][16], empty when symmetric
 };
 
 // Where a 16-column tile's packed weights and its scales start.
 const uint8_t *tile_weights(const Kernel &k, int64_t tile) { return k.packed.data() + tile * k.K * k.bits * 2; }
 const float *tile_scales(const Kernel &k, int64_t tile) { return k.scales.data() + tile * k.blocks * kTile; }
+const float *tile_mins(const Kernel &k, int64_t tile) {
+  return k.mins.empty() ? nullptr : k.mins.data() + tile * k.blocks * kTile;
+}
 
 // Activations of one call, quantized per row and block: a row's values depend on that row alone.
 struct Rows {
@@ -52,6 +57,7 @@ struct Rows {
   std::vector<int8_t> q;       // [M][K]
   std::vector<float> scale;    // [M][blocks]
   std::vector<int32_t> shift;  // [M][blocks]: the weights' zero point times the block's sum of q
+  std::vector<float> total;    // [M][blocks]: the block's sum of q times its scale, for weights with mins
   float *out;
 };
 
@@ -71,8 +77,10 @@ AVX512 void quantize(const float *a, Rows &rows) {
         sum = _mm512_add_epi32(sum, v);
         _mm_storeu_si128(reinterpret_cast<__m128i *>(rows.q.data() + m * k.K + i), _mm512_cvtsepi32_epi8(v));
       }
+      const int32_t q_sum = _mm512_reduce_add_epi32(sum);
       rows.scale[m * k.blocks + b] = amax / 127.f;
-      rows.shift[m * k.blocks + b] = (1 << (k.bits - 1)) * _mm512_reduce_add_epi32(sum);
+      rows.shift[m * k.blocks + b] = (1 << (k.bits - 1)) * q_sum;
+      rows.total[m * k.blocks + b] = static_cast<float>(q_sum) * (amax / 127.f);
     }
   }
 }
@@ -103,6 +111,7 @@ AVX2 void quantize_avx2(const float *a, Rows &rows) {
       for (int32_t part : sums) total += part;
       rows.scale[m * k.blocks + b] = amax / 127.f;
       rows.shift[m * k.blocks + b] = (1 << (k.bits - 1)) * total;
+      rows.total[m * k.blocks + b] = static_cast<float>(total) * (amax / 127.f);
     }
   }
 }
@@ -112,7 +121,7 @@ AVX512 void tile_rows(const Rows &rows, int64_t tile, int64_t m0) {
   constexpr int64_t step = step_of(Bits);
   const Kernel &k = *rows.kernel;
   const uint8_t *w = tile_weights(k, tile);
-  const float *s = tile_scales(k, tile);
+  const float *s = tile_scales(k, tile), *mins = tile_mins(k, tile);
   const int8_t *a[R];
   for (int r = 0; r < R; r++) a[r] = rows.q.data() + (m0 + r) * k.K;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
@@ -145,9 +154,14 @@ AVX512 void tile_rows(const Rows &rows, int64_t tile, int64_t m0) {
     const __m512 weight_scale = _mm512_loadu_ps(s + b * kTile);
     for (int r = 0; r < R; r++) {
       const int64_t at = (m0 + r) * k.blocks + b;
-      const __m512i exact = _mm512_sub_epi32(dot[r], _mm512_set1_epi32(rows.shift[at]));
-      y[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_mul_ps(weight_scale, _mm512_set1_ps(rows.scale[at])),
-                             y[r]);
+      const __m512 scale = _mm512_mul_ps(weight_scale, _mm512_set1_ps(rows.scale[at]));
+      if (mins) {  // sum of (scale q + min) a = scale sum(q a) + min sum(a)
+        y[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), scale, y[r]);
+        y[r] = _mm512_fmadd_ps(_mm512_loadu_ps(mins + b * kTile), _mm512_set1_ps(rows.total[at]), y[r]);
+      } else {
+        const __m512i exact = _mm512_sub_epi32(dot[r], _mm512_set1_epi32(rows.shift[at]));
+        y[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, y[r]);
+      }
     }
   }
   for (int r = 0; r < R; r++) _mm512_storeu_ps(rows.out + (m0 + r) * k.N + tile * kTile, y[r]);
@@ -161,7 +175,7 @@ AVX2 void tile_rows_avx2(const Rows &rows, int64_t tile, int64_t m0) {
   constexpr int64_t step = step_of(Bits);
   const Kernel &k = *rows.kernel;
   const uint8_t *w = tile_weights(k, tile);
-  const float *s = tile_scales(k, tile);
+  const float *s = tile_scales(k, tile), *mins = tile_mins(k, tile);
   const int8_t *a[R];
   float *y[R];
   for (int r = 0; r < R; r++) {
@@ -209,10 +223,16 @@ AVX2 void tile_rows_avx2(const Rows &rows, int64_t tile, int64_t m0) {
         const int64_t at = (m0 + r) * k.blocks + b;
         __m256i sums = dot[r][h];
         if constexpr (Bits == 8) sums = _mm256_permute4x64_epi64(sums, 0xD8);
-        const __m256i exact = _mm256_sub_epi32(sums, _mm256_set1_epi32(rows.shift[at]));
-        _mm256_storeu_ps(y[r] + 8 * h, _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact),
-                                                       _mm256_mul_ps(weight_scale, _mm256_set1_ps(rows.scale[at])),
-                                                       _mm256_loadu_ps(y[r] + 8 * h)));
+        const __m256 scale = _mm256_mul_ps(weight_scale, _mm256_set1_ps(rows.scale[at]));
+        __m256 out = _mm256_loadu_ps(y[r] + 8 * h);
+        if (mins) {
+          out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, out);
+          out = _mm256_fmadd_ps(_mm256_loadu_ps(mins + b * kTile + 8 * h), _mm256_set1_ps(rows.total[at]), out);
+        } else {
+          out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sums, _mm256_set1_epi32(rows.shift[at]))), scale,
+                                out);
+        }
+        _mm256_storeu_ps(y[r] + 8 * h, out);
       }
     }
   }
@@ -253,7 +273,7 @@ void tiles(void *data, size_t task) {
 // MatMulNBits' B is [N][blocks][block x bits / 8] bytes; at 4 bits element k of a block is in the low nibble
 // when k is even. Packed: per 16-column tile, 64 bytes a step, column c's 4 consecutive k in bytes 4c..4c+3
 // (at 4 bits the next 4 k in the high nibbles).
-void pack(Kernel &k, const uint8_t *b, const float *scales) {
+void pack(Kernel &k, const uint8_t *b, const float *scales, const float *zero_points) {
   const int64_t bytes = k.block * k.bits / 8, tiles = k.N / kTile, step = step_of(k.bits);
   auto element = [&](int64_t n, int64_t i) -> uint8_t {
     const uint8_t *blob = b + (n * k.blocks + i / k.block) * bytes;
@@ -270,10 +290,14 @@ void pack(Kernel &k, const uint8_t *b, const float *scales) {
         out[j] = k.bits == 8 ? element(n, at) : static_cast<uint8_t>(element(n, at) | element(n, at + 4) << 4);
       }
   k.scales.resize(static_cast<size_t>(tiles * k.blocks * kTile));
+  if (zero_points) k.mins.resize(k.scales.size());
   for (int64_t t = 0; t < tiles; t++)
     for (int64_t blk = 0; blk < k.blocks; blk++)
-      for (int c = 0; c < kTile; c++)
-        k.scales[(t * k.blocks + blk) * kTile + c] = scales[(t * kTile + c) * k.blocks + blk];
+      for (int c = 0; c < kTile; c++) {
+        const int64_t from = (t * kTile + c) * k.blocks + blk, to = (t * k.blocks + blk) * kTile + c;
+        k.scales[to] = scales[from];
+        if (zero_points) k.mins[to] = -scales[from] * zero_points[from];
+      }
 }
 
 OrtStatus *failure(const std::string &message) { return api_call<CreateStatus>(ORT_FAIL, message.c_str()); }
@@ -289,17 +313,22 @@ OrtStatus *create(const OrtKernelInfo *info, Kernel *&out) {
   const char *isa = std::getenv("DOVETAIL_KERNEL_ISA");
   kernel->wide = !(isa && std::string(isa) == "avx2") && __builtin_cpu_supports("avx512vnni") &&
                  __builtin_cpu_supports("avx512bw");
-  const void *weights[2];
-  for (size_t input = 1; input <= 2; input++) {
+  // Weights, scales and (optional, so absent reads as not constant) float zero points.
+  const void *weights[3] = {};
+  for (size_t input = 1; input <= 3; input++) {
     int constant = 0;
     const OrtValue *value = nullptr;
     if (OrtStatus *status = api_call<KernelInfoGetConstantInput_tensor>(info, input, &constant, &value)) return status;
-    if (!constant || !value) return failure("MatMulNBitsRows needs its weights and scales as initializers");
+    if (!constant || !value) {
+      if (input == 3) break;
+      return failure("MatMulNBitsRows needs its weights, scales and zero points as initializers");
+    }
     void *data = nullptr;
     if (OrtStatus *status = api_call<GetTensorMutableData>(const_cast<OrtValue *>(value), &data)) return status;
     weights[input - 1] = data;
   }
-  pack(*kernel, static_cast<const uint8_t *>(weights[0]), static_cast<const float *>(weights[1]));
+  pack(*kernel, static_cast<const uint8_t *>(weights[0]), static_cast<const float *>(weights[1]),
+       static_cast<const float *>(weights[2]));
   out = kernel.release();
   return nullptr;
 }
@@ -331,23 +360,27 @@ OrtStatus *compute(Kernel &kernel, OrtKernelContext *context) {
   rows.q.resize(static_cast<size_t>(rows_count * kernel.K));
   rows.scale.resize(static_cast<size_t>(rows_count * kernel.blocks));
   rows.shift.resize(rows.scale.size());
+  rows.total.resize(rows.scale.size());
   rows.out = static_cast<float *>(y);
   (kernel.wide ? quantize : quantize_avx2)(static_cast<const float *>(a), rows);
   const size_t tasks = static_cast<size_t>((kernel.N / kTile + kTilesPerTask - 1) / kTilesPerTask);
   return api_call<KernelContext_ParallelFor>(context, kernel.bits == 4 ? tiles<4> : tiles<8>, tasks, 0, &rows);
 }
 
-// The operator's schema: Y (float) = A (float, [..., K]) x B (MatMulNBits' uint8 weights) with float scales.
+// The operator's schema: Y (float) = A (float, [..., K]) x B (MatMulNBits' uint8 weights) with float scales and,
+// optionally, float zero points.
 OrtCustomOp make_op() {
   OrtCustomOp op{};
   op.version = kOrtApiVersion;
   op.GetName = [](const OrtCustomOp *) { return "MatMulNBitsRows"; };
   op.GetExecutionProviderType = [](const OrtCustomOp *) -> const char * { return nullptr; };  // the CPU EP
-  op.GetInputTypeCount = [](const OrtCustomOp *) -> size_t { return 3; };
+  op.GetInputTypeCount = [](const OrtCustomOp *) -> size_t { return 4; };
   op.GetInputType = [](const OrtCustomOp *, size_t i) -> int { return i == 1 ? ELEMENT_UINT8 : ELEMENT_FLOAT; };
   op.GetOutputTypeCount = [](const OrtCustomOp *) -> size_t { return 1; };
   op.GetOutputType = [](const OrtCustomOp *, size_t) -> int { return ELEMENT_FLOAT; };
-  op.GetInputCharacteristic = [](const OrtCustomOp *, size_t) -> int { return INPUT_OUTPUT_REQUIRED; };
+  op.GetInputCharacteristic = [](const OrtCustomOp *, size_t i) -> int {
+    return i == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  };
   op.GetOutputCharacteristic = [](const OrtCustomOp *, size_t) -> int { return INPUT_OUTPUT_REQUIRED; };
   op.GetInputMemoryType = [](const OrtCustomOp *, size_t) -> int { return MEM_TYPE_DEFAULT; };
   op.CreateKernelV2 = [](const OrtCustomOp *, const void *, const OrtKernelInfo *info, void **out) -> OrtStatus * {

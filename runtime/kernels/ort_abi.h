@@ -22,7 +22,7 @@ constexpr uint32_t kOrtApiVersion = 17;
 
 enum OrtErrorCode { ORT_OK = 0, ORT_FAIL = 1 };
 enum ElementType { ELEMENT_FLOAT = 1, ELEMENT_UINT8 = 2 };  // ONNXTensorElementDataType
-enum Characteristic { INPUT_OUTPUT_REQUIRED = 0 };          // OrtCustomOpInputOutputCharacteristic
+enum Characteristic { INPUT_OUTPUT_REQUIRED = 0, INPUT_OUTPUT_OPTIONAL = 1 };  // OrtCustomOpInputOutputCharacteristic
 enum MemType { MEM_TYPE_DEFAULT = 0 };                      // OrtMemType
 
 struct OrtApiBase {
