@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dovetail_onnx.export.drafter import Drafter, load_drafter, random_drafter, target_fingerprint, target_source
 from dovetail_onnx.export.drafter_export import export_drafter, quantize_int8
-from dovetail_onnx.export.load import load_target
+from dovetail_onnx.export.load import gguf_file, load_target
 from dovetail_onnx.export.target import export_target
 from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.manifest import EXPORT_TREE, FORMAT_VERSION, MANIFEST, GraphSpec, TreeSettings, sha256_of
@@ -63,37 +64,40 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
 
     `draft_vocab`: tokens the drafter's head scores (0: all; None: the drafter's own setting).
     `cpu_drafter`: also write the int8 drafter the runtime uses when the drafter runs on a CPU.
-    `precision`: the target's weights, fp32, int8 or int4 (see export/target.py); `block_size`: a quantized
-    target's weights per scale.
+    `precision`: the target's weights, fp32, int8, int4 or gguf (see export/target.py); `block_size`: an int8 or
+    int4 target's weights per scale.
     """
-    if block_size is not None and precision == "fp32":
-        raise DovetailError("--block-size applies to quantized targets; add --precision int8 or int4, or drop it")
+    if block_size is not None and precision in ("fp32", "gguf"):
+        fix = "add --precision int8 or int4, or drop it" if precision == "fp32" else "it keeps the GGUF's blocks; drop it"
+        raise DovetailError(f"--block-size applies to int8 and int4 targets, not {precision}: {fix}")
     console = console or Console(stderr=True)
     started = time.perf_counter()
-    with console.status("loading target") as status:
-        model, tokenizer = load_target(target)
-        status.update("preparing drafter")
-        draft = make_drafter(drafter, drafter_layers, model, tokenizer, console, precision)
-        out.mkdir(parents=True, exist_ok=True)
-        # Until the new manifest is written the folder is no artifact: an interrupted export is never
-        # mistaken for a whole one, nor an old manifest paired with half-written graphs.
-        (out / MANIFEST).unlink(missing_ok=True)
-        status.update(f"building target.onnx ({precision}) and checking it")
-        target_graph = export_target(model, tokenizer, out / "target.onnx", precision, block_size)
-        if target_graph.verify == "chain":
-            tree = replace(tree, top_k=1, total_tokens=min(tree.total_tokens, tree.depth + 1))
-        status.update("exporting drafter.onnx")
-        draft_vocab = draft.config.draft_vocab_size if draft_vocab is None else draft_vocab
-        export_drafter(draft, out / "drafter.onnx", MAX_TOP_K, draft_vocab)
-        if cpu_drafter:
-            status.update("quantizing the CPU drafter (int8)")
-            quantize_int8(out / "drafter.onnx", out / "drafter.int8.onnx")
-        status.update("writing tokenizer and manifest")
-        tokenizer.save_pretrained(out)
-        manifest = build_manifest(model, tokenizer, target_graph, draft, tree, draft_vocab, cpu_drafter, out)
-        partial = out / f"{MANIFEST}.partial"
-        partial.write_text(json.dumps(manifest, indent=2) + "\n")
-        partial.replace(out / MANIFEST)
+    # --precision gguf reads the target's GGUF file (joined from its parts) until its blocks are in the graph.
+    with gguf_file(target) if precision == "gguf" else nullcontext() as gguf:
+        with console.status("loading target") as status:
+            model, tokenizer = load_target(target)
+            status.update("preparing drafter")
+            draft = make_drafter(drafter, drafter_layers, model, tokenizer, console, precision)
+            out.mkdir(parents=True, exist_ok=True)
+            # Until the new manifest is written the folder is no artifact: an interrupted export is never
+            # mistaken for a whole one, nor an old manifest paired with half-written graphs.
+            (out / MANIFEST).unlink(missing_ok=True)
+            status.update(f"building target.onnx ({precision}) and checking it")
+            target_graph = export_target(model, tokenizer, out / "target.onnx", precision, block_size, gguf)
+            if target_graph.verify == "chain":
+                tree = replace(tree, top_k=1, total_tokens=min(tree.total_tokens, tree.depth + 1))
+            status.update("exporting drafter.onnx")
+            draft_vocab = draft.config.draft_vocab_size if draft_vocab is None else draft_vocab
+            export_drafter(draft, out / "drafter.onnx", MAX_TOP_K, draft_vocab)
+            if cpu_drafter:
+                status.update("quantizing the CPU drafter (int8)")
+                quantize_int8(out / "drafter.onnx", out / "drafter.int8.onnx")
+            status.update("writing tokenizer and manifest")
+            tokenizer.save_pretrained(out)
+            manifest = build_manifest(model, tokenizer, target_graph, draft, tree, draft_vocab, cpu_drafter, out)
+            partial = out / f"{MANIFEST}.partial"
+            partial.write_text(json.dumps(manifest, indent=2) + "\n")
+            partial.replace(out / MANIFEST)
     console.print(f"exported {out} in {time.perf_counter() - started:.1f} s")
     return manifest
 

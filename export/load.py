@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +61,34 @@ def embedded_parts(name: str) -> list[Path]:
     return parts
 
 
+@contextmanager
+def gguf_file(source: str | os.PathLike) -> Iterator[Path]:
+    """The GGUF file a target loads from, for export to read its quantized blocks (`--precision gguf`): a .gguf
+    path as given, or an embedded target's file (its parts joined into a temporary file while in use)."""
+    name = str(source)
+    if name not in EMBEDDED:
+        if Path(source).suffix != ".gguf" or not Path(source).is_file():
+            raise DovetailError(f"--precision gguf reads a GGUF file's own blocks, and {source} is no .gguf file; pass "
+                                "the .gguf (or an embedded name) or use --precision int4 or int8")
+        yield Path(source)
+        return
+    parts = embedded_parts(name)
+    if len(parts) == 1:
+        yield parts[0]
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield join_parts(parts, Path(tmp) / f"{name}.gguf")
+
+
+def join_parts(parts: list[Path], joined: Path) -> Path:
+    """Concatenate a split GGUF's parts, in order, into `joined`."""
+    with joined.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as chunk:
+                shutil.copyfileobj(chunk, out, 1 << 24)
+    return joined
+
+
 def resolve_target(source: str | os.PathLike) -> Path:
     """A path as given, or the converted Hugging Face folder of an embedded name (made on first use)."""
     name = str(source)
@@ -71,13 +102,7 @@ def resolve_target(source: str | os.PathLike) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        gguf = parts[0]
-        if len(parts) > 1:
-            gguf = work / f"{name}.gguf"
-            with gguf.open("wb") as out:
-                for part in parts:
-                    with part.open("rb") as chunk:
-                        shutil.copyfileobj(chunk, out, 1 << 24)
+        gguf = parts[0] if len(parts) == 1 else join_parts(parts, work / f"{name}.gguf")
         model, tokenizer = _load_gguf(gguf)
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)

@@ -22,6 +22,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dovetail_onnx.export.gguf import use_gguf_blocks
 from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.kernels import DOMAIN, ROWS_OP, rows_kernel_takes, rows_library
 from dovetail_onnx.runtime.manifest import DEFAULT_BLOCK_SIZES, GraphSpec
@@ -29,7 +30,9 @@ from dovetail_onnx.runtime.target import ROW_STEPS, Target
 from dovetail_onnx.runtime.tree import MASKED, Tree, causal
 
 # MatMulNBits with int8 activations (accuracy level 4) is the fast CPU kernel for quantized weights.
-BUILDER_OPTIONS = {"fp32": [], "int8": ["accuracy_level=4"], "int4": ["accuracy_level=4"]}
+BUILDER_OPTIONS = {"fp32": [], "int8": ["accuracy_level=4"], "int4": ["accuracy_level=4"], "gguf": ["accuracy_level=4"]}
+# gguf: the builder's int4 graph (block 32, the GGUF's), its weights then replaced by the GGUF's own (export/gguf.py).
+BUILDER_PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int4", "gguf": "int4"}
 # It quantizes activations, so a 1e-7 difference upstream can flip a rounding and move logits by ~0.5.
 # Two such differences exist, and both are avoided rather than tolerated:
 # - GroupQueryAttention computes a lone query row by another GEMM path (MLAS's one-row kernel) than several, 2e-7
@@ -41,8 +44,8 @@ BUILDER_OPTIONS = {"fp32": [], "int8": ["accuracy_level=4"], "int4": ["accuracy_
 #   finds the row multiple that is exact on its CPU before relying on it (Target.row_step);
 # - a tree row whose attention skips other branches' keys sums in another order than sequential decoding:
 #   quantized targets verify chains (top_k 1), whose rows are bit-identical to sequential decoding.
-ATTENTION_ROWS = {"fp32": 1, "int8": 2, "int4": 2}
-VERIFY = {"fp32": "tree", "int8": "chain", "int4": "chain"}
+ATTENTION_ROWS = {"fp32": 1, "int8": 2, "int4": 2, "gguf": 2}
+VERIFY = {"fp32": "tree", "int8": "chain", "int4": "chain", "gguf": "chain"}
 # fp32 graph against fp32 PyTorch: differences come from op order and fused kernels only.
 LOGIT_TOLERANCE = 1e-3
 GQA_POSITION_IDS, GQA_ATTENTION_BIAS = 9, 10
@@ -65,9 +68,10 @@ def target_spec(model: PreTrainedModel, precision: str, block_size: int | None =
 
 
 def export_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, precision: str,
-                  block_size: int | None = None) -> GraphSpec:
+                  block_size: int | None = None, gguf: Path | None = None) -> GraphSpec:
     """Write `path` (+ `.data`), check it, and return its manifest entry. `block_size`: weights per scale of a
-    quantized target (default: DEFAULT_BLOCK_SIZES); fp32 takes none."""
+    quantized target (default: DEFAULT_BLOCK_SIZES); fp32 takes none. `gguf`: the file whose blocks a gguf
+    target holds."""
     spec = target_spec(model, precision, block_size)
     quantized = [f"block_size={spec.block_size}"] if spec.block_size else []
     if importlib.util.find_spec("onnxruntime_genai") is None:
@@ -78,12 +82,14 @@ def export_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pa
         model.save_pretrained(source)
         tokenizer.save_pretrained(source)
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(built),
-                   "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache"),
+                   "-p", BUILDER_PRECISION[precision], "-e", "cpu", "-c", str(Path(tmp) / "cache"),
                    "--extra_options", "include_hidden_states=true", *BUILDER_OPTIONS[precision], *quantized]
         run = subprocess.run(command, capture_output=True, text=True)
         if run.returncode:
             last = (run.stderr.strip() or run.stdout.strip() or "no output").splitlines()[-1]
             raise DovetailError(f"onnxruntime-genai's model builder failed ({last}); report the model and versions")
+        if precision == "gguf":
+            use_gguf_blocks(built / "model.onnx", model, gguf)
         adapt_graph(built / "model.onnx", path, spec.head_dim, spec.attention_rows)
     if precision != "fp32" and write_rows_graph(path, path.with_name(ROWS_FILE)):
         spec = spec.model_copy(update={"kernel_file": ROWS_FILE})
@@ -99,11 +105,14 @@ def write_rows_graph(path: Path, rows_path: Path) -> bool:
     """Write the graph at `path` again with every MatMulNBits that dovetail's row kernel takes run by it
     (runtime/kernels.py), reading the same weights file. False, and nothing written, if it takes none."""
     graph = onnx.load(str(path), load_external_data=False)
+    floats = {t.name for t in graph.graph.initializer if t.data_type == TensorProto.FLOAT}
     taken = []
     for node in graph.graph.node:
         if node.op_type == "MatMulNBits":
             a = {attribute.name: attribute.i for attribute in node.attribute}
-            if rows_kernel_takes(a["bits"], a["K"], a["N"], a["block_size"], len([i for i in node.input if i])):
+            inputs = [i for i in node.input if i]
+            if rows_kernel_takes(a["bits"], a["K"], a["N"], a["block_size"], len(inputs),
+                                 float_zero_points=len(node.input) > 3 and node.input[3] in floats):
                 taken.append(node)
     for node in taken:
         node.op_type, node.domain = ROWS_OP, DOMAIN

@@ -20,13 +20,13 @@ from dovetail_onnx.runtime.errors import DovetailError
 FORMAT_VERSION = 2
 MANIFEST = "dovetail.json"
 TOKENIZER = "tokenizer.json"
-Precision = Literal["fp32", "int8", "int4"]  # of the target's weights (export/target.py)
+Precision = Literal["fp32", "int8", "int4", "gguf"]  # of the target's weights (export/target.py, export/gguf.py)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 # Weights per scale of a quantized target (onnxruntime-genai's builder's choices; 32 is its default). int4 takes
 # 128: on the AVX-512 EPYC its speculative decoding ran 1.29x genai's int4 against 1.06x at 32, for 2.0 against
 # 2.4 greedy tokens matching fp32 (README, "Block size"); int8, the precision kept for quality, stays at 32.
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-DEFAULT_BLOCK_SIZES = {"int8": 32, "int4": 128}
+DEFAULT_BLOCK_SIZES = {"int8": 32, "int4": 128, "gguf": 32}  # gguf: the block of every GGUF type it maps exactly
 # One verify forward's rows: the target's output buffers hold this many (see buffers.PREFILL_CHUNK).
 MAX_TREE_TOKENS = 128
 SIZINGS = ("cost", "fixed")  # how a step's tree size is chosen (TreeSettings.step_ms)

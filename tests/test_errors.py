@@ -284,7 +284,7 @@ def test_unknown_architecture(tmp_path):
 
 def test_block_size_needs_a_quantized_target(hf_dirs, tmp_path):
     fails(["export", str(hf_dirs["llama"]), "-o", str(tmp_path / "out"), "--block-size", "128"],
-          "--block-size applies to quantized targets")
+          "--block-size applies to int8 and int4 targets, not fp32: add --precision int8 or int4, or drop it")
     assert not (tmp_path / "out").exists()
 
 
