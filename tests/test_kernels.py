@@ -16,19 +16,27 @@ needs_kernel = pytest.mark.skipif(LIBRARY is None, reason=f"the row kernel does 
 SHAPES = [(64, 320, 128), (576, 96, 128), (1536, 48, 32), (16, 16, 16)]
 
 
-def node_weights(k: int, n: int, block: int, bits: int, seed: int, zero_points: bool = False) -> dict[str, np.ndarray]:
-    """MatMulNBits' B and scales (and float zero points, as a GGUF Q4_1 block has them) of random weights."""
+def node_weights(k: int, n: int, block: int, bits: int, seed: int, zero_points: bool = False,
+                 half: bool = False) -> dict[str, np.ndarray]:
+    """MatMulNBits' B and scales (and float zero points) of random weights; `half`: as a GGUF Q4_1 block has them,
+    fp16 scales d and zero points -m/d of fp16 mins m (the kernel then keeps both in fp16)."""
     rng = np.random.default_rng(seed)
     blocks = -(-k // block)
     weights = {"B": rng.integers(0, 256, size=(n, blocks, block * bits // 8), dtype=np.uint8),
                "scales": rng.random(n * blocks, dtype=np.float32) * 0.02}
+    if half:
+        weights["scales"] = weights["scales"].astype(np.float16).astype(np.float32)
     if zero_points:
         weights["zero_points"] = rng.random(n * blocks, dtype=np.float32) * 2 ** bits
+        if half:
+            mins = (-weights["scales"] * weights["zero_points"]).astype(np.float16).astype(np.float32)
+            weights["zero_points"] = -mins / weights["scales"]
     return weights
 
 
-def one_node(op: str, domain: str, k: int, n: int, block: int, bits: int, seed: int, zero_points: bool = False) -> bytes:
-    weights = node_weights(k, n, block, bits, seed, zero_points)
+def one_node(op: str, domain: str, k: int, n: int, block: int, bits: int, seed: int, zero_points: bool = False,
+             half: bool = False) -> bytes:
+    weights = node_weights(k, n, block, bits, seed, zero_points, half)
     node = helper.make_node(op, ["A", *weights], ["Y"], domain=domain, K=k, N=n, bits=bits, block_size=block,
                             accuracy_level=4)
     graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, "M", k])],
@@ -79,10 +87,10 @@ def test_results_are_matmulnbits_ones(k, n, block, bits, isa):
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4 * np.abs(reference).max())
 
 
-def int8_arithmetic(a: np.ndarray, k: int, n: int, block: int, bits: int, seed: int) -> np.ndarray:
+def int8_arithmetic(a: np.ndarray, k: int, n: int, block: int, bits: int, seed: int, half: bool) -> np.ndarray:
     """The kernel's sums in NumPy: activations rounded to int8 per row and block, exact integer products, and
     w = scale x q + min with min = -scale x zero point."""
-    weights = node_weights(k, n, block, bits, seed, zero_points=True)
+    weights = node_weights(k, n, block, bits, seed, zero_points=True, half=half)
     blocks = -(-k // block)
     packed = weights["B"].astype(np.int64)
     q = packed if bits == 8 else np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, blocks, block)
@@ -97,17 +105,18 @@ def int8_arithmetic(a: np.ndarray, k: int, n: int, block: int, bits: int, seed: 
 
 
 @needs_kernel
+@pytest.mark.parametrize("half", [False, True], ids=["fp32 scales", "fp16 scales"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k, n, block", SHAPES)
-def test_float_zero_points_keep_rows_alike_and_add_each_blocks_min(k, n, block, bits, isa):
+def test_float_zero_points_keep_rows_alike_and_add_each_blocks_min(k, n, block, bits, half, isa):
     """GGUF's Q4_1 blocks (w = d q + m) run as zero points -m/d; ORT's own kernel has no fast path for them."""
-    model = one_node(kernels.ROWS_OP, kernels.DOMAIN, k, n, block, bits, seed=k, zero_points=True)
+    model = one_node(kernels.ROWS_OP, kernels.DOMAIN, k, n, block, bits, seed=k, zero_points=True, half=half)
     rows = session(model, LIBRARY)
     a = np.random.default_rng(3).standard_normal((1, 9, k), dtype=np.float32)
     together = rows.run(None, {"A": a})[0]
     for m in range(9):
         np.testing.assert_array_equal(rows.run(None, {"A": a[:, m : m + 1]})[0][0, 0], together[0, m])
-    expected = int8_arithmetic(a, k, n, block, bits, seed=k)
+    expected = int8_arithmetic(a, k, n, block, bits, seed=k, half=half)
     np.testing.assert_allclose(together[0], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
