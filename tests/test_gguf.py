@@ -112,11 +112,12 @@ def test_speculative_output_is_the_gguf_targets_own(gguf_model):
     assert_oracle_chain_exact(gguf_model, "gguf")
 
 
-def test_where_the_row_kernel_cannot_run_ort_computes_the_same_blocks(gguf_model, monkeypatch):
-    """ORT's MatMulNBits takes float zero points too (by a slower path): the plain graph stays exact."""
+def test_where_the_row_kernel_cannot_run_ort_computes_the_same_blocks(gguf_model, monkeypatch, capsys):
+    """ORT's MatMulNBits takes float zero points too, by a far slower path, which the runtime says."""
     monkeypatch.setattr("dovetail_onnx.runtime.target.rows_library", lambda: (None, "no C++ compiler found"))
     model = Model(gguf_model.manifest.folder, draft_device="cpu", threads=1)
     assert model.target.graph.name == "target.onnx"
+    assert "(no C++ compiler found); its Q4_1 blocks take MatMulNBits' fp32 path" in capsys.readouterr().err
     assert_oracle_chain_exact(model, "gguf on MatMulNBits")
 
 
