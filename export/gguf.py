@@ -4,8 +4,9 @@ transformers dequantizes a GGUF to fp32, and int4/int8 export then quantizes tho
 4-bit levels of a Q4_1 block (w = d q + m) do not survive a symmetric 4-bit grid, so int4 SmolLM2 keeps to the
 GGUF's own greedy answer for ~2 tokens. Q4_0, Q4_1, Q5_0 and Q8_0 blocks of 32 map onto MatMulNBits exactly
 (Q4_1's min as a float zero point -m/d, Q5_0 on the 8-bit grid), so the exported graph computes with the very
-weights llama.cpp would. Other block types (K-quants, f16, f32) are quantized to 8 bits per 32 values, the nearest
-to lossless MatMulNBits has; export says how many.
+weights llama.cpp would; so do the K-quants of a Q4_K_M file: Q4_K's 32-value sub-blocks (scale d·sc, min
+dmin·m) and Q6_K's 16-value ones on the 8-bit grid. Other types (f16, f32, Q5_K, ...) are quantized to 8 bits
+per 32 values, the nearest to lossless MatMulNBits has; export says how many.
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from transformers import PreTrainedModel
 
 from dovetail_onnx.runtime.errors import DovetailError
 
-BLOCK = 32  # values per block of every type mapped exactly
-EXACT = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q8_0)
+BLOCK = 32  # values per block of the types mapped exactly (Q6_K: 16) and of the 8-bit fallback
+# Bytes per block (of 32 values; of 256 for the K-quants) of the types mapped exactly.
+EXACT = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20, GGMLQuantizationType.Q5_0: 22,
+         GGMLQuantizationType.Q8_0: 34, GGMLQuantizationType.Q4_K: 144, GGMLQuantizationType.Q6_K: 210}
 # What dequantized weights may differ by once a Q4_1 min is a zero point (-m/d times d): float rounding only.
 MAPPING_TOLERANCE = 1e-6
 
@@ -52,19 +55,22 @@ class Blocks:
 
 def read_blocks(raw: np.ndarray, kind: GGMLQuantizationType) -> Blocks | None:
     """The blocks of one tensor's rows (`raw`: uint8 [N, bytes per row], as GGUFReader gives them), or None for a
-    type that has no exact MatMulNBits form. Layouts as ggml defines them; each half-block's values sit in the low
-    nibbles of 16 bytes (values 0-15) and the high nibbles (16-31)."""
+    type that has no exact MatMulNBits form. Layouts as ggml defines them: in the 32-value types, each
+    half-block's values sit in the low nibbles of 16 bytes (values 0-15) and the high nibbles (16-31)."""
     if kind not in EXACT:
         return None
     n = raw.shape[0]
-    width = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20, GGMLQuantizationType.Q5_0: 22,
-             GGMLQuantizationType.Q8_0: 34}[kind]
-    blocks = raw.reshape(n, -1, width)
-    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    blocks = raw.reshape(n, -1, EXACT[kind])
+    half = lambda at: blocks[..., at : at + 2].copy().view(np.float16)[..., 0].astype(np.float32)  # noqa: E731
+    if kind == GGMLQuantizationType.Q4_K:
+        return _q4_k(blocks, half(0), half(2))
+    if kind == GGMLQuantizationType.Q6_K:
+        return _q6_k(blocks, half(208))
+    d = half(0)
     if kind == GGMLQuantizationType.Q8_0:
         q = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
         return Blocks(q.reshape(n, -1), d, None, 8)
-    packed = blocks[..., width - 16:]
+    packed = blocks[..., -16:]
     q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1)
     if kind == GGMLQuantizationType.Q4_0:
         return Blocks(q.reshape(n, -1), d, None, 4)
@@ -72,12 +78,42 @@ def read_blocks(raw: np.ndarray, kind: GGMLQuantizationType) -> Blocks | None:
         high = blocks[..., 2:6].copy().view("<u4")[..., 0]
         fifth = ((high[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
         return Blocks((q | fifth).reshape(n, -1) + np.uint8(112), d, None, 8)
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    # w = d q + m = d (q - (-m / d)). A block whose d is 0 holds m alone: scale m, q 0, zero point -1.
-    flat = d == 0
-    q[flat] = 0
-    zero_points = np.where(flat, np.float32(-1), -m / np.where(flat, 1, d)).astype(np.float32)
-    return Blocks(q.reshape(n, -1), np.where(flat, m, d).astype(np.float32), zero_points, 4)
+    return _with_mins(q, d, half(2))  # Q4_1: w = d q + m
+
+
+def _with_mins(q: np.ndarray, scales: np.ndarray, mins: np.ndarray) -> Blocks:
+    """4-bit blocks w = scale q + min ([N, blocks, 32] q) as zero points -min / scale. A block whose scale is 0
+    holds its min alone: scale min, q 0, zero point -1."""
+    flat = scales == 0
+    q = np.where(flat[..., None], np.uint8(0), q)
+    zero_points = np.where(flat, np.float32(-1), -mins / np.where(flat, 1, scales)).astype(np.float32)
+    return Blocks(q.reshape(q.shape[0], -1), np.where(flat, mins, scales).astype(np.float32), zero_points, 4)
+
+
+def _q4_k(blocks: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> Blocks:
+    """Q4_K: 256 values as 8 sub-blocks of 32, w = d sc q - dmin m with 6-bit sc and m packed in 12 bytes (the
+    first four sub-blocks' in the low 6 bits of bytes 0-3 and 4-7, the last four's low 4 bits in bytes 8-11 and
+    high 2 bits in the top bits of bytes 0-7); sub-blocks 2i and 2i+1 share 32 bytes, low and high nibbles."""
+    packed = blocks[..., 4:16]
+    low, high, rest = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = np.concatenate([low & 63, (rest & 15) | (low >> 6) << 4], axis=-1).astype(np.float32)
+    m = np.concatenate([high & 63, (rest >> 4) | (high >> 6) << 4], axis=-1).astype(np.float32)
+    nibbles = blocks[..., 16:].reshape(*blocks.shape[:2], 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]
+    q = (nibbles & 15).reshape(*blocks.shape[:2], 8, 32)
+    n = blocks.shape[0]
+    return _with_mins(q.reshape(n, -1, 32), (d[..., None] * sc).reshape(n, -1), -(dmin[..., None] * m).reshape(n, -1))
+
+
+def _q6_k(blocks: np.ndarray, d: np.ndarray) -> Blocks:
+    """Q6_K: 256 values as 16 sub-blocks of 16 with int8 scales, w = d sc (q - 32); in each half of 128 values,
+    quarter g takes the low (g < 2) or high nibbles of 32 of its 64 low-bit bytes and bits 2g, 2g+1 of its 32
+    high-bit bytes. On the 8-bit grid: q + 96 around 128."""
+    n, count = blocks.shape[:2]
+    low = blocks[..., :128].reshape(n, count, 2, 1, 2, 32) >> np.array([0, 4], np.uint8)[:, None, None]
+    high = blocks[..., 128:192].reshape(n, count, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
+    q = (low & 15).reshape(n, count, 2, 4, 32) | (high & 3) << 4
+    scales = d[..., None] * blocks[..., 192:208].view(np.int8).astype(np.float32)
+    return Blocks(q.reshape(n, -1) + np.uint8(96), scales.reshape(n, -1), None, 8, block=16)
 
 
 def quantize_8bit(weights: np.ndarray) -> Blocks:

@@ -91,6 +91,21 @@ def test_blocks_read_are_the_values_ggml_stores(kind):
     np.testing.assert_allclose(blocks.dequantized(), quants.dequantize(raw, kind), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind, offsets", [(Q.Q4_K, (0, 2)), (Q.Q6_K, (208,))])
+def test_k_quant_blocks_read_are_the_values_ggml_stores(kind, offsets):
+    """gguf-py cannot write K-quants, so their blocks are random bytes with finite fp16 scales (d, dmin)."""
+    width = {Q.Q4_K: 144, Q.Q6_K: 210}[kind]
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(5, 3, width), dtype=np.uint8)
+    for at in offsets:
+        raw[..., at : at + 2] = (rng.random((5, 3, 1)) * 0.01).astype(np.float16).view(np.uint8)
+    raw = raw.reshape(5, -1)
+    blocks = read_blocks(raw, kind)
+    assert (blocks.bits, blocks.block) == ((4, 32) if kind == Q.Q4_K else (8, 16))
+    expected = quants.dequantize(raw, kind)
+    np.testing.assert_allclose(blocks.dequantized(), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
 def test_the_graph_holds_the_files_blocks(gguf_model):
     spec = gguf_model.manifest.target
     assert (spec.precision, spec.block_size, spec.verify) == ("gguf", 32, "chain")
