@@ -26,7 +26,7 @@ BLOCK = 32  # values per block of the types mapped exactly (Q6_K: 16) and of the
 # Bytes per block (of 32 values; of 256 for the K-quants) of the types mapped exactly.
 EXACT = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20, GGMLQuantizationType.Q5_0: 22,
          GGMLQuantizationType.Q8_0: 34, GGMLQuantizationType.Q4_K: 144, GGMLQuantizationType.Q6_K: 210}
-# What dequantized weights may differ by once a Q4_1 min is a zero point (-m/d times d): float rounding only.
+# What dequantized weights may differ by once a min is a zero point (Q4_1's -m/d times d): float rounding only.
 MAPPING_TOLERANCE = 1e-6
 
 
@@ -127,7 +127,8 @@ def quantize_8bit(weights: np.ndarray) -> Blocks:
 
 
 def joined(parts: list[Blocks]) -> Blocks | None:
-    """Blocks stacked by rows (q, k and v into one projection), or None where they differ in bits or block."""
+    """Blocks stacked by rows (q, k and v into one projection), or None where they differ in bits or block (a
+    Q4_K_M file's Q4_K q and k with a Q6_K v): MatMulNBits has one of each a node."""
     if len({(p.bits, p.block) for p in parts}) > 1:
         return None
     bits = parts[0].bits
@@ -204,19 +205,21 @@ def use_gguf_blocks(graph_path: Path, model: PreTrainedModel, gguf: Path) -> Non
     g = proto.graph
     initializers = {t.name: t for t in g.initializer}
     replaced: dict[str, Blocks] = {}
-    for node in (n for n in g.node if n.op_type == "MatMulNBits"):
+    for node in [n for n in g.node if n.op_type == "MatMulNBits"]:  # split_node adds nodes
         names = hf_names(node.input[1])
         if any(name not in weights.state for name in names):
             raise DovetailError(f"cannot match the builder's {node.name} to the model's weights ({', '.join(names)}); "
                                 "report the model and versions")
         parts = [weights.blocks(name) for name in names]
-        blocks = joined(parts) or quantize_8bit(np.concatenate([p.dequantized() for p in parts]))
-        if blocks.exact:
-            reference = np.concatenate([weights.state[name].float().numpy() for name in names])
-            error = np.abs(blocks.dequantized() - reference).max() / max(float(np.abs(reference).max()), 1e-30)
-            if error > MAPPING_TOLERANCE:
-                raise DovetailError(f"the GGUF's blocks for {node.name} do not give the model's weights (relative "
+        for part, name in zip(parts, names):
+            reference = weights.state[name].float().numpy()
+            error = np.abs(part.dequantized() - reference).max() / max(float(np.abs(reference).max()), 1e-30)
+            if part.exact and error > MAPPING_TOLERANCE:
+                raise DovetailError(f"the GGUF's blocks for {name} do not give the model's weights (relative "
                                     f"error {error:.1e}); report the model and versions")
+        if (blocks := joined(parts)) is None:
+            split_node(node, parts, initializers, g)
+            continue
         set_blocks(node, blocks, initializers, g)
         replaced[node.input[1]] = blocks
     for node in (n for n in g.node if n.op_type == "GatherBlockQuantized"):
@@ -241,6 +244,32 @@ def use_gguf_blocks(graph_path: Path, model: PreTrainedModel, gguf: Path) -> Non
     onnx.save(proto, str(graph_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
 
 
+def split_node(node: onnx.NodeProto, parts: list[Blocks], initializers: dict[str, onnx.TensorProto],
+               g: onnx.GraphProto) -> None:
+    """Replace a joined projection whose parts differ in bits or block by one MatMulNBits a part and a Concat of
+    their outputs, so each keeps its exact form."""
+    at = list(g.node).index(node)
+    pieces = []
+    for i, part in enumerate(parts):
+        piece = onnx.NodeProto()
+        piece.CopyFrom(node)
+        piece.name, piece.output[0] = f"{node.name}/part{i}", f"{node.output[0]}/part{i}"
+        del piece.input[3:]
+        piece.input[1], piece.input[2] = f"{node.input[1]}/part{i}", f"{node.input[2]}/part{i}"
+        for name in piece.input[1:3]:
+            initializers[name] = g.initializer.add(name=name)
+        set_attributes(piece, N=part.q.shape[0])
+        set_blocks(piece, part, initializers, g)
+        pieces.append(piece)
+    concat = helper.make_node("Concat", [p.output[0] for p in pieces], [node.output[0]], axis=-1,
+                              name=f"{node.name}/concat")
+    for name in node.input[1:3]:
+        g.initializer.remove(initializers.pop(name))
+    g.node.remove(node)
+    for offset, new in enumerate([*pieces, concat]):
+        g.node.insert(at + offset, new)
+
+
 def set_attributes(node: onnx.NodeProto, **values: int) -> None:
     for attribute in node.attribute:
         if attribute.name in values:
@@ -257,7 +286,7 @@ def set_blocks(node: onnx.NodeProto, blocks: Blocks, initializers: dict[str, onn
     initializers[node.input[1]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(packed), node.input[1]))
     initializers[node.input[2]].CopyFrom(numpy_helper.from_array(blocks.scales, node.input[2]))
     if blocks.zero_points is not None:
-        name = node.input[1].rsplit("_", 1)[0] + "_zero_points"
+        name = f"{node.input[1]}/zero_points"
         g.initializer.append(numpy_helper.from_array(blocks.zero_points, name))
         del node.input[3:]
         node.input.append(name)

@@ -20,8 +20,9 @@ from test_oracle import assert_oracle_chain_exact
 from tiny import make_model, make_tokenizer
 
 # Layer 0 as SmolLM2's file has it (Q4_1 throughout, Q8_0 embedding tied to the output); layer 1 with every other
-# type: Q5_0 (8-bit grid), Q4_0, Q8_0, and F16, which has no exact MatMulNBits form and is quantized to 8 bits.
-LAYER_1 = {"self_attn.q_proj": Q.Q5_0, "self_attn.k_proj": Q.Q5_0, "self_attn.v_proj": Q.Q5_0,
+# type: Q5_0 (8-bit grid), Q4_0, Q8_0, and F16, which has no exact MatMulNBits form and is quantized to 8 bits;
+# its q, k and v differ in bits, as a Q4_K_M file's can, so they cannot share one node.
+LAYER_1 = {"self_attn.q_proj": Q.Q5_0, "self_attn.k_proj": Q.Q4_1, "self_attn.v_proj": Q.Q5_0,
            "self_attn.o_proj": Q.Q4_0, "mlp.gate_proj": Q.Q8_0, "mlp.up_proj": Q.F16, "mlp.down_proj": Q.Q4_1}
 
 
@@ -116,8 +117,11 @@ def test_the_graph_holds_the_files_blocks(gguf_model):
     for matrix in ("attn/qkv_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj"):
         attributes, inputs = nodes[f"/model/layers.0/{matrix}/MatMul_Q4"]
         assert (attributes["bits"], attributes["block_size"], inputs) == (4, 32, 4)  # Q4_1: float zero points
-    assert [bits[f"/model/layers.1/{m}/MatMul_Q4"] for m in ("attn/qkv_proj", "attn/o_proj", "mlp/gate_proj",
-                                                             "mlp/up_proj", "mlp/down_proj")] == [8, 4, 8, 8, 4]
+    assert [bits[f"/model/layers.1/{m}/MatMul_Q4"] for m in ("attn/o_proj", "mlp/gate_proj", "mlp/up_proj",
+                                                             "mlp/down_proj")] == [4, 8, 8, 4]
+    # q (Q5_0), k (Q4_1) and v (Q5_0) each keep their own form, joined after their nodes.
+    assert [nodes[f"/model/layers.1/attn/qkv_proj/MatMul_Q4/part{i}"][0]["bits"] for i in range(3)] == [8, 4, 8]
+    assert [n.op_type for n in graph.node if n.name == "/model/layers.1/attn/qkv_proj/MatMul_Q4/concat"] == ["Concat"]
     assert bits["/model/embed_tokens/GatherBlockQuantized"] == bits["/lm_head/MatMul_Q4"] == 8
 
 
