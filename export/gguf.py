@@ -11,6 +11,7 @@ per 32 values, the nearest to lossless MatMulNBits has; export says how many.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +155,7 @@ class GGUFWeights:
         self.names = get_tensor_name_map(archs[arch], model.config.num_hidden_layers)
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.state = model.state_dict()
+        self.kept: Counter[str] = Counter()  # matrices in their own blocks, by type
         self.requantized: list[str] = []
 
     def blocks(self, hf_name: str) -> Blocks:
@@ -172,6 +174,7 @@ class GGUFWeights:
             if blocks is None:
                 self.requantized.append(f"{name} ({tensor.tensor_type.name})")
                 return quantize_8bit(weights)
+            self.kept[tensor.tensor_type.name] += 1
             return blocks.rows(order)
         raise DovetailError(f"the GGUF has no tensor whose values are the model's {hf_name} (looked for {gguf_name}); "
                             "pass the .gguf file the target was loaded from")
@@ -235,6 +238,8 @@ def use_gguf_blocks(graph_path: Path, model: PreTrainedModel, gguf: Path) -> Non
                                                      shape))
         reshape.input[1] = shape
         set_attributes(node, bits=blocks.bits, block_size=blocks.block)
+    kept = ", ".join(f"{count} {kind}" for kind, count in sorted(weights.kept.items()))
+    print(f"gguf: the file's own blocks for {sum(weights.kept.values())} matrices ({kept})", file=sys.stderr)
     if weights.requantized:
         print(f"note: {len(weights.requantized)} GGUF matrices have no exact MatMulNBits form and were quantized to "
               f"8 bits per {BLOCK} values: {', '.join(weights.requantized[:3])}"

@@ -154,6 +154,15 @@ def test_the_graph_computes_what_pytorch_computes_with_the_files_values(gguf_tar
     assert (logits.argmax(-1) == reference.argmax(-1)).mean() > 0.9
 
 
+def test_export_counts_what_it_kept_and_what_it_quantized(gguf_target):
+    model, _, path = gguf_target
+    weights = GGUFWeights(path, model)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight", "lm_head.weight"):
+        weights.blocks(name)
+    assert weights.kept == {"Q4_1": 1, "Q8_0": 1}  # the tied head is token_embd's Q8_0
+    assert weights.requantized == ["blk.1.ffn_up.weight (F16)"]
+
+
 def test_a_gguf_that_is_not_the_models_is_named(gguf_target):
     model, _, path = gguf_target
     other = make_model("llama", seed=1)
