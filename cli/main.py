@@ -47,12 +47,13 @@ def main() -> None:
 @click.option("--cpu-drafter/--no-cpu-drafter", default=True, show_default=True,
               help="Also write an int8 drafter (ONNX Runtime dynamic quantization) for when it runs on a CPU.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="Target weights: fp32, int8/int4 MatMulNBits, or gguf: a GGUF target's own Q4_0/Q4_1/Q5_0/Q8_0 "
-                   "blocks, unchanged (a quantized target is its own model: speculative output equals that artifact's "
-                   "target-only output).")
+              help="Target weights: fp32, int8/int4 MatMulNBits, or gguf: a GGUF target's own quantized blocks "
+                   "(Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) unchanged. A quantized target is its own model: speculative "
+                   "output equals that artifact's target-only output.")
 @click.option("--block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]),
               help="Weights per quantization scale of an int8/int4 target; larger runs faster, a little less like "
-                   "fp32 [default: " + ", ".join(f"{b} for {p}" for p, b in DEFAULT_BLOCK_SIZES.items() if p != "gguf") + "].")
+                   "fp32 [default: "
+                   + ", ".join(f"{b} for {p}" for p, b in DEFAULT_BLOCK_SIZES.items() if p != "gguf") + "].")
 @click.option("--tune", is_flag=True,
               help="Then time a few trees on this machine and store the fastest as the default (about a minute).")
 @click.option("--threads", type=Threads(), help="Threads for --tune, at most the cores.")

@@ -68,8 +68,8 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
     int4 target's weights per scale.
     """
     if block_size is not None and precision in ("fp32", "gguf"):
-        fix = "add --precision int8 or int4, or drop it" if precision == "fp32" else "it keeps the GGUF's blocks; drop it"
-        raise DovetailError(f"--block-size applies to int8 and int4 targets, not {precision}: {fix}")
+        fix = {"fp32": "add --precision int8 or int4, or drop it", "gguf": "gguf keeps the file's blocks; drop it"}
+        raise DovetailError(f"--block-size applies to int8 and int4 targets, not {precision}: {fix[precision]}")
     console = console or Console(stderr=True)
     started = time.perf_counter()
     # --precision gguf reads the target's GGUF file (joined from its parts) until its blocks are in the graph.

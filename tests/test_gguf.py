@@ -88,7 +88,8 @@ def test_blocks_read_are_the_values_ggml_stores(kind):
     weights[0, :32] = 0.25  # a Q4_1 block of one value: its d is 0
     raw = quants.quantize(weights, kind)
     blocks = read_blocks(raw, kind)
-    assert blocks.bits == (4 if kind in (Q.Q4_0, Q.Q4_1) else 8) and (blocks.zero_points is not None) == (kind == Q.Q4_1)
+    assert blocks.bits == (4 if kind in (Q.Q4_0, Q.Q4_1) else 8)
+    assert (blocks.zero_points is not None) == (kind == Q.Q4_1)
     np.testing.assert_allclose(blocks.dequantized(), quants.dequantize(raw, kind), rtol=1e-6, atol=1e-7)
 
 

@@ -54,7 +54,9 @@ const S *tile_start(const std::vector<S> &values, const Kernel &k, int64_t tile)
 }
 
 AVX512 __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
-AVX512 __m512 load16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))); }
+AVX512 __m512 load16(const uint16_t *p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)));
+}
 AVX2 __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
 AVX2 __m256 load8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))); }
 
