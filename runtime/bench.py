@@ -203,23 +203,29 @@ def agreement(model: Model, reference: Model, prompts: list[str], max_new_tokens
 
 def profile(model: Model, prompt: list[int], contexts: list[int], rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
             repeats: int = 10) -> dict:
-    """Target ms per forward (median) by rows S at each context P, and drafter ms per forward (one tree level).
+    """Target ms per forward (median of `repeats`) by rows S at each context P, and drafter ms per forward (one
+    tree level).
 
-    The target's K/V rows hold no real tokens while timing, so its cache is emptied afterwards: the next
-    generation must not reuse them.
+    Row counts take turns in rounds of two timed forwards each, after one untimed forward that takes the change of
+    shape: timed one row count after another, the first ones measured slower on a VM whose speed drifts (a lone
+    row slower than two). The target's K/V rows hold no real tokens while timing, so its cache is emptied
+    afterwards: the next generation must not reuse them.
     """
     target, rng = model.target, np.random.default_rng(0)
     target.start(max(contexts) + max(rows), max(rows))
     by_rows = {}
     for past in contexts:
-        for seq in rows:
-            times = []
-            for _ in range(repeats + 2):
-                target.kv.length = past
-                started = time.perf_counter()
-                target.forward(rng.integers(0, model.manifest.target.vocab_size, seq), past + np.arange(seq), causal(seq))
-                times.append(time.perf_counter() - started)
-            by_rows.setdefault(past, {})[seq] = round(1000 * float(np.median(times[2:])), 2)
+        times: dict[int, list[float]] = {seq: [] for seq in rows}
+        for _ in range(-(-repeats // 2)):
+            for seq in rows:
+                for timed in (False, True, True):
+                    target.kv.length = past
+                    started = time.perf_counter()
+                    target.forward(rng.integers(0, model.manifest.target.vocab_size, seq), past + np.arange(seq),
+                                   causal(seq))
+                    if timed:
+                        times[seq].append(time.perf_counter() - started)
+        by_rows[past] = {seq: round(1000 * float(np.median(t)), 2) for seq, t in times.items()}
     target.kv.length = 0
     forwards = model.drafter.forwards
     _, stats = generate(model, prompt, GeneratorParams(64, tree=replace(model.manifest.tree, step_ms=())))
