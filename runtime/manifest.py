@@ -26,7 +26,7 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 # 128: on the AVX-512 EPYC its speculative decoding ran 1.29x genai's int4 against 1.06x at 32, for 2.0 against
 # 2.4 greedy tokens matching fp32 (README, "Block size"); int8, the precision kept for quality, stays at 32.
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-DEFAULT_BLOCK_SIZES = {"int8": 32, "int4": 128, "gguf": 32}  # gguf: the block of every GGUF type it maps exactly
+DEFAULT_BLOCK_SIZES = {"int8": 32, "int4": 128, "gguf": 32}  # gguf: most GGUF types' block (Q6_K's nodes: 16)
 # One verify forward's rows: the target's output buffers hold this many (see buffers.PREFILL_CHUNK).
 MAX_TREE_TOKENS = 128
 SIZINGS = ("cost", "fixed")  # how a step's tree size is chosen (TreeSettings.step_ms)

@@ -35,8 +35,8 @@ class Target:
                 graph, libraries = path.with_name(spec.kernel_file), (library,)
             elif spec.precision == "gguf":  # MatMulNBits computes float zero points by dequantizing to fp32
                 print(f"note: the gguf target runs onnxruntime's MatMulNBits, not dovetail's row kernel ({why}); its "
-                      "Q4_1 blocks take MatMulNBits' fp32 path, ~20x slower: fix that, or export --precision int4 "
-                      "for this machine", file=sys.stderr)
+                      "blocks with zero points (Q4_1, Q4_K) take MatMulNBits' fp32 path, ~20x slower: fix that, or "
+                      "export --precision int4 for this machine", file=sys.stderr)
             else:
                 print(f"note: the quantized target runs onnxruntime's MatMulNBits, not dovetail's row kernel ({why}), "
                       "so verify rows cost more", file=sys.stderr)

@@ -137,7 +137,8 @@ def test_where_the_row_kernel_cannot_run_ort_computes_the_same_blocks(gguf_model
     monkeypatch.setattr("dovetail_onnx.runtime.target.rows_library", lambda: (None, "no C++ compiler found"))
     model = Model(gguf_model.manifest.folder, draft_device="cpu", threads=1)
     assert model.target.graph.name == "target.onnx"
-    assert "(no C++ compiler found); its Q4_1 blocks take MatMulNBits' fp32 path" in capsys.readouterr().err
+    assert "(no C++ compiler found); its blocks with zero points (Q4_1, Q4_K) take MatMulNBits' fp32 path" in \
+        capsys.readouterr().err
     assert_oracle_chain_exact(model, "gguf on MatMulNBits")
 
 
