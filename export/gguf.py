@@ -154,7 +154,8 @@ class GGUFWeights:
             raise DovetailError(f"cannot read GGUF {path}: {exc}; pass the .gguf file the target came from") from exc
         archs = {name: key for key, name in MODEL_ARCH_NAMES.items()}
         if arch not in archs:
-            raise DovetailError(f"GGUF {path} is a {arch} model, which gguf-py cannot name tensors of")
+            raise DovetailError(f"GGUF {path} is a {arch} model, which gguf-py cannot name tensors of; use "
+                                "--precision int4 or int8")
         self.names = get_tensor_name_map(archs[arch], model.config.num_hidden_layers)
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.state = model.state_dict()

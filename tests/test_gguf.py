@@ -34,23 +34,23 @@ def llama_cpp_order(name: str, rows: int, config) -> np.ndarray:
     return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(rows)
 
 
-def kind_of(name: str) -> Q:
+def kind_of(name: str, embedding: Q = Q.Q8_0) -> Q:
     if "embed_tokens" in name:
-        return Q.Q8_0
+        return embedding
     parts = name.split(".")  # model.layers.<i>.<block>.<matrix>.weight
     return Q.Q4_1 if parts[2] == "0" else LAYER_1[f"{parts[3]}.{parts[4]}"]
 
 
-def write_gguf(model, path) -> None:
+def write_gguf(model, path, embedding: Q = Q.Q8_0, arch: str = "llama") -> None:
     """The tiny Llama as a GGUF: every matrix quantized with gguf-py, and the model's weights set to exactly the
     values transformers would load from it."""
     names = get_tensor_name_map(MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
-    writer = GGUFWriter(path, "llama")
+    writer = GGUFWriter(path, arch)
     with torch.no_grad():
         for name, weight in model.state_dict().items():
             if weight.dim() != 2 or name == "lm_head.weight":
                 continue
-            kind = kind_of(name)
+            kind = kind_of(name, embedding)
             order = llama_cpp_order(name, weight.shape[0], model.config)
             stored = weight.numpy()[order]
             raw = stored.astype(np.float16) if kind == Q.F16 else quants.quantize(stored, kind)
@@ -170,6 +170,32 @@ def test_a_gguf_that_is_not_the_models_is_named(gguf_target):
     other = make_model("llama", seed=1)
     with pytest.raises(DovetailError, match="the GGUF has no tensor whose values are the model's .*; pass the .gguf"):
         GGUFWeights(path, other).blocks("model.layers.0.self_attn.q_proj.weight")
+
+
+def test_a_file_that_is_no_gguf_is_named(gguf_target, tmp_path):
+    model, _, _ = gguf_target
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf" * 64)
+    with pytest.raises(DovetailError, match=f"^cannot read GGUF {broken}: .*; pass the .gguf file the target came from$"):
+        GGUFWeights(broken, model)
+
+
+def test_an_architecture_gguf_py_cannot_name_is_refused(tmp_path):
+    model = make_model("llama")
+    write_gguf(model, tmp_path / "odd.gguf", arch="no-such-arch")
+    with pytest.raises(DovetailError, match="is a no-such-arch model, which gguf-py cannot name tensors of; use --precision int4 or int8$"):
+        GGUFWeights(tmp_path / "odd.gguf", model)
+
+
+def test_a_tied_head_with_zero_points_is_refused_in_one_line(tmp_path):
+    """The quantized embedding the tied head shares (GatherBlockQuantized) has no float zero points."""
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    write_gguf(model, tmp_path / "tied.gguf", embedding=Q.Q4_1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(artifact, "load_target", lambda _: (model, tokenizer))
+        with pytest.raises(DovetailError, match="output matrix has zero points, .*; use --precision int8$"):
+            export_artifact(tmp_path / "tied.gguf", tmp_path / "out", "random", precision="gguf",
+                            console=Console(stderr=True, quiet=True))
 
 
 def test_gguf_precision_needs_a_gguf_file(hf_dirs, tmp_path):
