@@ -8,6 +8,7 @@
 // AVX-512 VNNI where the CPU has it (one vpdpbusd per 64 products), else AVX2 (vpmaddubsw + vpmaddwd, 4 rows at
 // a time); DOVETAIL_KERNEL_ISA=avx2 picks the latter anywhere. Without AVX2 the runtime keeps MatMulNBits.
 #include <immintrin.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -15,6 +16,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -35,21 +38,94 @@ constexpr int64_t step_of(int64_t bits) { return 32 / bits; }
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 
+// Packed weights, scales and mins live in 2 MiB-aligned chunks that Linux is asked to back with huge pages
+// (madvise: under its default THP mode, "madvise", heap memory otherwise gets 4 KiB pages). A forward streams
+// every weight once, and through 4 KiB pages that costs a TLB miss every 4 KiB: SmolLM2 int4, 2 threads, one
+// process, the two alternating, 1 row 7.74 -> 6.75 ms a forward, 8 rows 8.95 -> 8.51. The process's kernels share
+// the chunks (most of a small model's matrices are far below 2 MiB); a chunk goes when its last array does.
+constexpr size_t kHugePage = size_t(1) << 21, kChunk = size_t(32) << 20;
+
+class Arena {
+ public:
+  static void *take(size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    State &state = shared();
+    std::lock_guard<std::mutex> lock(state.mutex);
+    auto &chunks = state.chunks;
+    if (chunks.empty() || chunks.back().used + bytes > chunks.back().size) {
+      const size_t size = std::max(kChunk, (bytes + kHugePage - 1) / kHugePage * kHugePage);
+      void *base = std::aligned_alloc(kHugePage, size);
+      if (!base) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+      madvise(base, size, MADV_HUGEPAGE);  // a hint: where THP is off the pages stay 4 KiB, and nothing else changes
+#endif
+      chunks.push_back({static_cast<uint8_t *>(base), size, 0, 0});
+    }
+    Chunk &chunk = chunks.back();
+    void *p = chunk.base + chunk.used;
+    chunk.used += bytes;
+    chunk.live++;
+    return p;
+  }
+  static void give(void *p) {
+    State &state = shared();
+    std::lock_guard<std::mutex> lock(state.mutex);
+    const auto at = static_cast<uint8_t *>(p);
+    for (auto chunk = state.chunks.begin(); chunk != state.chunks.end(); ++chunk)
+      if (at >= chunk->base && at < chunk->base + chunk->size) {
+        if (--chunk->live == 0) {
+          std::free(chunk->base);
+          state.chunks.erase(chunk);
+        }
+        return;
+      }
+  }
+
+ private:
+  struct Chunk {
+    uint8_t *base;
+    size_t size, used, live;
+  };
+  struct State {
+    std::mutex mutex;
+    std::vector<Chunk> chunks;
+  };
+  // Never destroyed: sessions, and with them kernels, may outlive the library's static objects at exit.
+  static State &shared() {
+    static State *state = new State;
+    return *state;
+  }
+};
+
+template <typename T>
+struct ArenaAllocator {
+  using value_type = T;
+  ArenaAllocator() = default;
+  template <typename U>
+  ArenaAllocator(const ArenaAllocator<U> &) {}
+  T *allocate(size_t n) { return static_cast<T *>(Arena::take(n * sizeof(T))); }
+  void deallocate(T *p, size_t) { Arena::give(p); }
+  bool operator==(const ArenaAllocator &) const { return true; }
+  bool operator!=(const ArenaAllocator &) const { return false; }
+};
+template <typename T>
+using Store = std::vector<T, ArenaAllocator<T>>;
+
 struct Kernel {
   int64_t K = 0, N = 0, block = 0, blocks = 0, bits = 0;
-  bool wide = true;             // AVX-512 VNNI, else AVX2
-  std::vector<uint8_t> packed;  // [N / 16][K / step][64]
+  bool wide = true;           // AVX-512 VNNI, else AVX2
+  Store<uint8_t> packed;      // [N / 16][K / step][64]
   // Scales, and with float zero points mins (w = scale x q + min, min = -scale x zero point: a GGUF Q4_1 block's
   // own form), [N / 16][blocks][16]. Stored as fp16 where they are fp16 values, as a GGUF's are: at 4 bits and 32
   // weights a block they are 8 of every 24 bytes a one-row call reads in fp32, 4 of 20 in fp16.
-  std::vector<float> scales, mins;
-  std::vector<uint16_t> half_scales, half_mins;
+  Store<float> scales, mins;
+  Store<uint16_t> half_scales, half_mins;
 };
 
 // Where a 16-column tile's packed weights, scales and mins (none: nullptr) start.
 const uint8_t *tile_weights(const Kernel &k, int64_t tile) { return k.packed.data() + tile * k.K * k.bits * 2; }
 template <typename S>
-const S *tile_start(const std::vector<S> &values, const Kernel &k, int64_t tile) {
+const S *tile_start(const Store<S> &values, const Kernel &k, int64_t tile) {
   return values.empty() ? nullptr : values.data() + tile * k.blocks * kTile;
 }
 
@@ -247,7 +323,7 @@ AVX2 void tile_rows_avx2(const Rows &rows, int64_t tile, int64_t m0, const S *s,
 }
 
 template <int Bits, typename S>
-void tiles_of(const Rows &rows, const std::vector<S> &scales, const std::vector<S> &mins, size_t task) {
+void tiles_of(const Rows &rows, const Store<S> &scales, const Store<S> &mins, size_t task) {
   const Kernel &k = *rows.kernel;
   const int64_t tiles = k.N / kTile;
   const int64_t first = static_cast<int64_t>(task) * kTilesPerTask, last = std::min(tiles, first + kTilesPerTask);
@@ -311,14 +387,14 @@ void pack(Kernel &k, const uint8_t *b, const float *scales, const float *zero_po
         const int64_t n = t * kTile + j / 4, at = i + j % 4;
         out[j] = k.bits == 8 ? element(n, at) : static_cast<uint8_t>(element(n, at) | element(n, at + 4) << 4);
       }
-  k.scales.resize(static_cast<size_t>(tiles * k.blocks * kTile));
-  if (zero_points) k.mins.resize(k.scales.size());
+  std::vector<float> tile_scales(static_cast<size_t>(tiles * k.blocks * kTile)), tile_mins;
+  if (zero_points) tile_mins.resize(tile_scales.size());
   for (int64_t t = 0; t < tiles; t++)
     for (int64_t blk = 0; blk < k.blocks; blk++)
       for (int c = 0; c < kTile; c++) {
         const int64_t from = (t * kTile + c) * k.blocks + blk, to = (t * k.blocks + blk) * kTile + c;
-        k.scales[to] = scales[from];
-        if (zero_points) k.mins[to] = -scales[from] * zero_points[from];
+        tile_scales[to] = scales[from];
+        if (zero_points) tile_mins[to] = -scales[from] * zero_points[from];
       }
   // fp16 when every scale is an fp16 value and every min one up to the float rounding of -scale x zero point
   // (a GGUF's m, given as the zero point -m/d): then the fp16 min is the GGUF's own.
@@ -330,12 +406,13 @@ void pack(Kernel &k, const uint8_t *b, const float *scales, const float *zero_po
     }
     return true;
   };
-  if (half_of(k.scales, 0.f, k.half_scales) && half_of(k.mins, 0x1p-20f, k.half_mins)) {
-    k.scales.clear();
-    k.mins.clear();
+  std::vector<uint16_t> half_scales, half_mins;
+  if (half_of(tile_scales, 0.f, half_scales) && half_of(tile_mins, 0x1p-20f, half_mins)) {
+    k.half_scales.assign(half_scales.begin(), half_scales.end());
+    k.half_mins.assign(half_mins.begin(), half_mins.end());
   } else {
-    k.half_scales.clear();
-    k.half_mins.clear();
+    k.scales.assign(tile_scales.begin(), tile_scales.end());
+    k.mins.assign(tile_mins.begin(), tile_mins.end());
   }
 }
 
