@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dovetail_onnx.export.gguf import use_gguf_blocks
 from dovetail_onnx.runtime.errors import DovetailError
-from dovetail_onnx.runtime.kernels import DOMAIN, ROWS_OP, rows_kernel_takes, rows_library
+from dovetail_onnx.runtime.kernels import ATTENTION_OP, DOMAIN, ROWS_OP, rows_kernel_takes, rows_library
 from dovetail_onnx.runtime.manifest import DEFAULT_BLOCK_SIZES, GraphSpec
 from dovetail_onnx.runtime.target import ROW_STEPS, Target
 from dovetail_onnx.runtime.tree import MASKED, Tree, causal
@@ -49,7 +49,7 @@ VERIFY = {"fp32": "tree", "int8": "chain", "int4": "chain", "gguf": "chain"}
 # fp32 graph against fp32 PyTorch: differences come from op order and fused kernels only.
 LOGIT_TOLERANCE = 1e-3
 GQA_POSITION_IDS, GQA_ATTENTION_BIAS = 9, 10
-# Quantized targets also get this graph: the same nodes and weights, with dovetail's row kernel for MatMulNBits.
+# Targets also get this graph: the same weights, with dovetail's kernels for MatMulNBits and attention.
 ROWS_FILE = "target.rows.onnx"
 
 
@@ -91,9 +91,9 @@ def export_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pa
         if precision == "gguf":
             use_gguf_blocks(built / "model.onnx", model, gguf)
         adapt_graph(built / "model.onnx", path, spec.head_dim, spec.attention_rows)
-    if precision != "fp32" and write_rows_graph(path, path.with_name(ROWS_FILE)):
+    if write_rows_graph(path, path.with_name(ROWS_FILE)):
         spec = spec.model_copy(update={"kernel_file": ROWS_FILE})
-        # Both graphs run on users' CPUs (the row kernel's where it builds), so both are checked where it builds
+        # Both graphs run on users' CPUs (dovetail's kernels' where they build), so both are checked where they build
         # here; elsewhere the runtime's own row check (Target.row_step) is what stands between it and a user.
         if rows_library()[0]:
             validate_target(model, path, spec, kernels=True)
@@ -102,10 +102,12 @@ def export_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pa
 
 
 def write_rows_graph(path: Path, rows_path: Path) -> bool:
-    """Write the graph at `path` again with every MatMulNBits that dovetail's row kernel takes run by it
-    (runtime/kernels.py), reading the same weights file. False, and nothing written, if it takes none."""
+    """Write the graph at `path` again with dovetail's kernels (runtime/kernels.py) where they take a node: every
+    MatMulNBits the row kernel takes, and attention as TreeAttention (`use_tree_attention`). It reads the same
+    weights file. False, and nothing written, if they take none."""
     graph = onnx.load(str(path), load_external_data=False)
     floats = {t.name for t in graph.graph.initializer if t.data_type == TensorProto.FLOAT}
+    attention = use_tree_attention(graph.graph)
     taken = []
     for node in graph.graph.node:
         if node.op_type == "MatMulNBits":
@@ -116,10 +118,42 @@ def write_rows_graph(path: Path, rows_path: Path) -> bool:
                 taken.append(node)
     for node in taken:
         node.op_type, node.domain = ROWS_OP, DOMAIN
-    if taken:
+    if taken or attention:
         graph.opset_import.append(helper.make_opsetid(DOMAIN, 1))
         onnx.save(graph, str(rows_path))
-    return bool(taken)
+    return bool(taken or attention)
+
+
+def use_tree_attention(g: onnx.GraphProto) -> bool:
+    """Run every GroupQueryAttention as dovetail's TreeAttention (kernels/tree_attention.cpp: the same inputs and
+    outputs, each row computed alike however many run, tree rows equal to sequential decoding), dropping the lone
+    query row's padding (`pad_lone_query`), which it does not need. False, graph unchanged, where a node uses what
+    TreeAttention does not (a sliding window, softcap, interleaved rotary)."""
+    attention = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    supported = {"local_window_size": -1, "softcap": 0.0, "rotary_interleaved": 0}
+    if not attention or any(helper.get_attribute_value(a) != supported[a.name]
+                            for n in attention for a in n.attribute if a.name in supported):
+        return False
+    producer = {output: n for n in g.node for output in n.output}
+    padding = set()
+    for node in attention:
+        pad = producer.get(node.input[0])
+        if pad is not None and pad.name.endswith("/pad"):
+            double = producer[pad.input[0]]
+            node.input[0] = double.input[0]
+            unpad = next(n for n in g.node if n.name.endswith("/unpad") and n.input[0] == node.output[0])
+            node.output[0] = unpad.output[0]
+            padding.update((pad.name, double.name, unpad.name))
+        node.op_type, node.domain = ATTENTION_OP, DOMAIN
+    if padding:
+        padding.update(("/dovetail/query_rows", "/dovetail/own_rows"))
+        kept = [n for n in g.node if n.name not in padding]
+        del g.node[:]
+        g.node.extend(kept)
+        kept_initializers = [t for t in g.initializer if t.name not in ("/dovetail/zero", "/dovetail/axis")]
+        del g.initializer[:]
+        g.initializer.extend(kept_initializers)
+    return True
 
 
 def adapt_graph(source: Path, path: Path, head_dim: int, attention_rows: int) -> None:

@@ -1,10 +1,12 @@
 """dovetail's own ONNX Runtime kernels, built from source on first use.
 
-ORT's MatMulNBits computes a lone row by another path than a row among several and unpacks its weights again
-for every row, so a quantized verify forward must be padded to stay exact and costs almost linearly in rows.
-`MatMulNBitsRows` (kernels/matmul_rows.cpp) computes every row alike and unpacks each weight tile once for up to
-8 rows. It is C++ with AVX-512 VNNI intrinsics (AVX2 on CPUs without them), compiled once per source version into
-the cache folder; where no compiler or no such CPU is found, the runtime keeps MatMulNBits and says why.
+ORT's MatMulNBits and GroupQueryAttention compute a lone row by another path than a row among several, so a
+quantized verify forward had to be padded to stay exact; MatMulNBits unpacks its weights again for every row, and
+GroupQueryAttention sums a tree row's keys in another order than sequential decoding. `MatMulNBitsRows`
+(kernels/matmul_rows.cpp) computes every row alike and unpacks each weight tile once for up to 8 rows;
+`TreeAttention` (kernels/tree_attention.cpp) computes every row alike and a tree row as its token decoded alone.
+C++ with AVX-512 VNNI intrinsics where they pay (AVX2 elsewhere), compiled once per source version into one library
+in the cache folder; where no compiler or no such CPU is found, the runtime keeps ORT's kernels and says why.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from pathlib import Path
 
 from dovetail_onnx.runtime.errors import DovetailError
 
-SOURCES = [Path(__file__).parent / "kernels" / name for name in ("matmul_rows.cpp", "ort_abi.h")]
-DOMAIN, ROWS_OP = "dovetail", "MatMulNBitsRows"
+SOURCES = [Path(__file__).parent / "kernels" / name
+           for name in ("library.cpp", "matmul_rows.cpp", "tree_attention.cpp", "ops.h", "ort_abi.h")]
+DOMAIN, ROWS_OP, ATTENTION_OP = "dovetail", "MatMulNBitsRows", "TreeAttention"
 COMPILE = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
 
 
@@ -63,8 +66,8 @@ def rows_library() -> tuple[Path | None, str]:
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
             built = Path(tmp) / library.name
-            run = subprocess.run([compiler, *COMPILE, str(SOURCES[0]), "-o", str(built)], capture_output=True,
-                                 text=True)
+            sources = [str(source) for source in SOURCES if source.suffix == ".cpp"]
+            run = subprocess.run([compiler, *COMPILE, *sources, "-o", str(built)], capture_output=True, text=True)
             if run.returncode:
                 first = next((line for line in run.stderr.splitlines() if "error" in line), run.stderr.strip()[:200])
                 return None, f"building it failed ({first})"

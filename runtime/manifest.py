@@ -120,7 +120,7 @@ class GraphSpec(BaseModel):
     block_size: Positive | None = None  # quantized weights per scale (export --block-size); for the record only
     row_step: Literal[1, 2, 4] = 1  # the exact row multiple the exporting CPU needed (each CPU checks its own)
     cpu_file: FileName | None = None  # drafter only: the int8 graph to use when it runs on a CPU
-    kernel_file: FileName | None = None  # target only: the same graph on dovetail's row kernel (runtime/kernels.py)
+    kernel_file: FileName | None = None  # target only: the same graph on dovetail's kernels (runtime/kernels.py)
 
     @model_validator(mode="after")
     def _heads(self) -> GraphSpec:

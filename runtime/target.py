@@ -26,7 +26,7 @@ class Target:
 
     def __init__(self, path: Path, spec: GraphSpec, threads: int | None, kernels: bool = True):
         """`path`: the graph on ORT's own kernels; `kernels`: run the manifest's `kernel_file` instead where
-        dovetail's row kernel builds on this machine (runtime/kernels.py)."""
+        dovetail's kernels build on this machine (runtime/kernels.py)."""
         self.spec = spec
         graph, libraries = path, ()
         if kernels and spec.kernel_file:
@@ -37,9 +37,12 @@ class Target:
                 print(f"note: the gguf target runs onnxruntime's MatMulNBits, not dovetail's row kernel ({why}); its "
                       "blocks with zero points (Q4_1, Q4_K) take MatMulNBits' fp32 path, ~20x slower: fix that, or "
                       "export --precision int4 for this machine", file=sys.stderr)
+            elif spec.precision == "fp32":
+                print(f"note: the target runs onnxruntime's attention, not dovetail's ({why}): slower at long context",
+                      file=sys.stderr)
             else:
-                print(f"note: the quantized target runs onnxruntime's MatMulNBits, not dovetail's row kernel ({why}), "
-                      "so verify rows cost more", file=sys.stderr)
+                print(f"note: the quantized target runs onnxruntime's MatMulNBits and attention, not dovetail's kernels "
+                      f"({why}), so verify rows cost more", file=sys.stderr)
         self.graph = graph
         self.session, self.device = open_session(graph, "cpu", threads, "target", libraries=libraries)
         names = SharedKVCache.graph_names(spec.num_layers)

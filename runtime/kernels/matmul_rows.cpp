@@ -21,7 +21,7 @@
 #include <string>
 #include <vector>
 
-#include "ort_abi.h"
+#include "ops.h"
 
 namespace {
 
@@ -416,8 +416,6 @@ void pack(Kernel &k, const uint8_t *b, const float *scales, const float *zero_po
   }
 }
 
-OrtStatus *failure(const std::string &message) { return api_call<CreateStatus>(ORT_FAIL, message.c_str()); }
-
 OrtStatus *create(const OrtKernelInfo *info, Kernel *&out) {
   auto kernel = std::make_unique<Kernel>();
   for (auto [name, value] : {std::pair<const char *, int64_t *>{"K", &kernel->K}, {"N", &kernel->N},
@@ -516,14 +514,4 @@ const OrtCustomOp rows_op = make_op();
 
 }  // namespace
 
-extern "C" __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options,
-                                                                              const OrtApiBase *base) {
-  ort_api_table = static_cast<const void *const *>(base->GetApi(kOrtApiVersion));
-  if (!ort_api_table) return nullptr;  // an ORT older than 1.17 cannot even report it (the package pins 1.31)
-  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c"))
-    return failure("MatMulNBitsRows needs AVX2, FMA and F16C");
-  OrtCustomOpDomain *domain = nullptr;
-  if (OrtStatus *status = api_call<CreateCustomOpDomain>("dovetail", &domain)) return status;
-  if (OrtStatus *status = api_call<CustomOpDomain_Add>(domain, &rows_op)) return status;
-  return api_call<AddCustomOpDomain>(options, domain);
-}
+const OrtCustomOp &matmul_rows_op() { return rows_op; }

@@ -21,7 +21,7 @@ struct OrtShapeInferContext;
 constexpr uint32_t kOrtApiVersion = 17;
 
 enum OrtErrorCode { ORT_OK = 0, ORT_FAIL = 1 };
-enum ElementType { ELEMENT_FLOAT = 1, ELEMENT_UINT8 = 2 };  // ONNXTensorElementDataType
+enum ElementType { ELEMENT_FLOAT = 1, ELEMENT_UINT8 = 2, ELEMENT_INT32 = 6, ELEMENT_INT64 = 7 };  // ONNXTensorElementDataType
 enum Characteristic { INPUT_OUTPUT_REQUIRED = 0, INPUT_OUTPUT_OPTIONAL = 1 };  // OrtCustomOpInputOutputCharacteristic
 enum MemType { MEM_TYPE_DEFAULT = 0 };                      // OrtMemType
 
@@ -44,6 +44,7 @@ ORT_ENTRY(GetTensorMutableData, 51, OrtStatus *(*)(OrtValue *value, void **out))
 ORT_ENTRY(GetDimensionsCount, 61, OrtStatus *(*)(const OrtTensorTypeAndShapeInfo *info, size_t *out));
 ORT_ENTRY(GetDimensions, 62, OrtStatus *(*)(const OrtTensorTypeAndShapeInfo *info, int64_t *dims, size_t count));
 ORT_ENTRY(GetTensorTypeAndShape, 65, OrtStatus *(*)(const OrtValue *value, OrtTensorTypeAndShapeInfo **out));
+ORT_ENTRY(KernelInfoGetAttribute_float, 85, OrtStatus *(*)(const OrtKernelInfo *info, const char *name, float *out));
 ORT_ENTRY(KernelInfoGetAttribute_int64, 86, OrtStatus *(*)(const OrtKernelInfo *info, const char *name, int64_t *out));
 ORT_ENTRY(KernelContext_GetInput, 90, OrtStatus *(*)(const OrtKernelContext *context, size_t index, const OrtValue **out));
 ORT_ENTRY(KernelContext_GetOutput, 91, OrtStatus *(*)(OrtKernelContext *context, size_t index, const int64_t *dims,
