@@ -44,6 +44,8 @@ BUILDER_PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int4", "gguf": "in
 #   finds the row multiple that is exact on its CPU before relying on it (Target.row_step);
 # - a tree row whose attention skips other branches' keys sums in another order than sequential decoding:
 #   quantized targets verify chains (top_k 1), whose rows are bit-identical to sequential decoding.
+# Both are differences of ORT's GroupQueryAttention. The kernel graph (write_rows_graph) runs dovetail's
+# TreeAttention instead, which has neither: there no row is padded and quantized targets verify trees too.
 ATTENTION_ROWS = {"fp32": 1, "int8": 2, "int4": 2, "gguf": 2}
 VERIFY = {"fp32": "tree", "int8": "chain", "int4": "chain", "gguf": "chain"}
 # fp32 graph against fp32 PyTorch: differences come from op order and fused kernels only.
@@ -91,20 +93,27 @@ def export_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pa
         if precision == "gguf":
             use_gguf_blocks(built / "model.onnx", model, gguf)
         adapt_graph(built / "model.onnx", path, spec.head_dim, spec.attention_rows)
-    if write_rows_graph(path, path.with_name(ROWS_FILE)):
+    written, tree_attention = write_rows_graph(path, path.with_name(ROWS_FILE))
+    if written:
         spec = spec.model_copy(update={"kernel_file": ROWS_FILE})
         # Both graphs run on users' CPUs (dovetail's kernels' where they build), so both are checked where they build
-        # here; elsewhere the runtime's own row check (Target.row_step) is what stands between it and a user.
+        # here; elsewhere the runtime's own row check (Target.row_step) is what stands between it and a user. On
+        # TreeAttention a quantized target's tree rows equal sequential decoding too: checked on a two-branch tree
+        # before the manifest lets it verify trees there (`kernel_verify`).
         if rows_library()[0]:
-            validate_target(model, path, spec, kernels=True)
+            if tree_attention:
+                validate_target(model, path, spec.model_copy(update={"verify": "tree"}), kernels=True)
+                spec = spec.model_copy(update={"kernel_verify": "tree"})
+            else:
+                validate_target(model, path, spec, kernels=True)
     checked = validate_target(model, path, spec, kernels=False)
     return spec.model_copy(update={"row_step": checked.row_step})
 
 
-def write_rows_graph(path: Path, rows_path: Path) -> bool:
+def write_rows_graph(path: Path, rows_path: Path) -> tuple[bool, bool]:
     """Write the graph at `path` again with dovetail's kernels (runtime/kernels.py) where they take a node: every
     MatMulNBits the row kernel takes, and attention as TreeAttention (`use_tree_attention`). It reads the same
-    weights file. False, and nothing written, if they take none."""
+    weights file. Returns (written: False when they take no node, attention on TreeAttention)."""
     graph = onnx.load(str(path), load_external_data=False)
     floats = {t.name for t in graph.graph.initializer if t.data_type == TensorProto.FLOAT}
     attention = use_tree_attention(graph.graph)
@@ -121,7 +130,7 @@ def write_rows_graph(path: Path, rows_path: Path) -> bool:
     if taken or attention:
         graph.opset_import.append(helper.make_opsetid(DOMAIN, 1))
         onnx.save(graph, str(rows_path))
-    return bool(taken or attention)
+    return bool(taken or attention), attention
 
 
 def use_tree_attention(g: onnx.GraphProto) -> bool:

@@ -267,7 +267,8 @@ TUNING_PROMPTS = [
 
 def tuning_trees(manifest: Manifest, step_ms: tuple[float, ...]) -> list[TreeSettings]:
     """Candidate trees around what pays on CPUs: sizes for tree-verifying targets, chain depths for the others,
-    each fixed and each sized step by step from `step_ms`."""
+    each fixed and each sized step by step from `step_ms`. The stored default must run on either target graph, so
+    a target that verifies chains on ONNX Runtime's kernels is tuned as one."""
     d = manifest.tree
     if manifest.target.verify == "chain":
         fixed = [TreeSettings(1, depth, depth + 1, d.min_prob) for depth in (1, 2, 3, 4)]

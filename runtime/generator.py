@@ -74,8 +74,7 @@ class GeneratorParams:
         if self.mode not in MODES:
             raise DovetailError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
         self.sampling.check(model.manifest.target.vocab_size)
-        target = model.manifest.target
-        if problem := self.tree.problem(model.manifest.max_top_k) or self.tree.chain_problem(target.verify):
+        if problem := self.tree.problem(model.manifest.max_top_k) or self.tree.chain_problem(model.target.verify):
             raise DovetailError(f"{problem} (tree limits of this artifact's graphs)")
         if prompt_len < 1:
             raise DovetailError("the prompt is empty; give some text")
@@ -243,7 +242,7 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     next_tokens = np.append(prompt[keep + 1 :], token)
     # Prompt lookup: a chain copied from the text so far, no deeper than the tree, competes with the drafter's
     # candidates for the tree's places by its odds of acceptance (in chain mode it is the whole chain).
-    chains = model.manifest.target.verify == "chain"
+    chains = model.target.verify == "chain"
     copier = Copier(min(tree_settings.total_tokens - 1, tree_settings.depth)) if params.lookup else None
     while True:
         t0, drafted = time.perf_counter(), drafter.forwards

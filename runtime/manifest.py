@@ -74,10 +74,12 @@ class TreeSettings:
         return int(np.argmax(expected / np.asarray(self.step_ms[:sizes]))) + 1
 
     def chain_problem(self, verify: str) -> str | None:
-        """A target that verifies chains only (quantized activations, see export/target.py) needs top_k 1."""
+        """A target that verifies chains only (quantized activations on ONNX Runtime's attention, see
+        export/target.py) needs top_k 1."""
         if verify == "chain" and self.top_k != 1:
-            return (f"--top-k must be 1 for this target, got {self.top_k}: its quantized kernels round a tree row "
-                    "that skips other branches' keys differently from sequential decoding, so it verifies chains")
+            return (f"--top-k must be 1 for this target here, got {self.top_k}: on ONNX Runtime's attention its "
+                    "quantized rows round a tree row that skips other branches' keys differently from sequential "
+                    "decoding, so it verifies chains (on dovetail's kernels, where they build, it verifies trees)")
         return None
 
 
@@ -116,7 +118,8 @@ class GraphSpec(BaseModel):
     precision: Precision = "fp32"
     min_rows: Literal[1, 2] = 1  # rows every forward runs (older quantized exports: 2, see export/target.py)
     attention_rows: Literal[1, 2] = 1  # query rows the attention runs at least (quantized: 2, see export/target.py)
-    verify: Literal["tree", "chain"] = "tree"  # draft shapes whose rows equal sequential decoding
+    verify: Literal["tree", "chain"] = "tree"  # draft shapes whose rows equal sequential decoding (on `file`)
+    kernel_verify: Literal["tree", "chain"] | None = None  # target only: the same on `kernel_file` (None: `verify`)
     block_size: Positive | None = None  # quantized weights per scale (export --block-size); for the record only
     row_step: Literal[1, 2, 4] = 1  # the exact row multiple the exporting CPU needed (each CPU checks its own)
     cpu_file: FileName | None = None  # drafter only: the int8 graph to use when it runs on a CPU

@@ -44,6 +44,8 @@ class Target:
                 print(f"note: the quantized target runs onnxruntime's MatMulNBits and attention, not dovetail's kernels "
                       f"({why}), so verify rows cost more", file=sys.stderr)
         self.graph = graph
+        # Draft shapes whose rows equal sequential decoding on the graph that runs: trees on dovetail's attention.
+        self.verify = spec.kernel_verify or spec.verify if libraries else spec.verify
         self.session, self.device = open_session(graph, "cpu", threads, "target", libraries=libraries)
         names = SharedKVCache.graph_names(spec.num_layers)
         check_io(self.session, "target",

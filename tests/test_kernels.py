@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dovetail_onnx.runtime import DovetailError, Model, kernels
+from dovetail_onnx.runtime import DovetailError, GeneratorParams, Model, TreeSettings, generate, kernels
 from dovetail_onnx.runtime.target import Target
 
 LIBRARY, WHY = kernels.rows_library()
@@ -144,6 +144,15 @@ def test_without_the_kernel_the_target_runs_ort_kernels_and_says_why(quantized, 
     target = Target(manifest.folder / manifest.target.file, manifest.target, threads=1)
     assert target.graph.name == "target.onnx"
     assert why in capsys.readouterr().err
+
+
+def test_without_dovetails_kernels_a_quantized_target_verifies_chains_only(quantized, monkeypatch):
+    """ORT's attention sums a tree row's keys in another order than sequential decoding: a tree is refused there."""
+    monkeypatch.setattr("dovetail_onnx.runtime.target.rows_library", lambda: (None, "no C++ compiler found"))
+    model = Model(quantized["int4"].manifest.folder, draft_device="cpu", threads=1)
+    assert model.target.verify == "chain"
+    with pytest.raises(DovetailError, match=r"^--top-k must be 1 for this target here, got 3: .*it verifies trees\) "):
+        generate(model, model.encode_prompt("hello"), GeneratorParams(max_new_tokens=4, tree=TreeSettings(3, 2, 6)))
 
 
 @pytest.fixture

@@ -70,14 +70,18 @@ def test_oracle_accepts_many_tokens_and_stays_exact(models, references):
         assert stats.mean_accepted >= 3.0, stats.as_dict()
 
 
-def assert_oracle_chain_exact(model, label: str) -> None:
-    """A quantized target is its own model: lossless means its target-only tokens, with many accepted."""
+def assert_oracle_chain_exact(model, label: str, chain: bool = True) -> None:
+    """A quantized target is its own model: lossless means its target-only tokens, with many accepted. `chain`:
+    the oracle drafts chains; else trees with wrong branches before the right one."""
     prompt = model.encode_prompt("An oracle knows what comes next", raw=False)
     expected, _ = generate(model, prompt, GeneratorParams(max_new_tokens=120, mode="target-only", stop_at_eos=False))
     saved = model.drafter
-    model.drafter = OracleDrafter(prompt, expected, model.manifest.target.vocab_size, chain=True)
+    model.drafter = OracleDrafter(prompt, expected, model.manifest.target.vocab_size, chain=chain)
+    # The oracle's trees run up to 20 nodes: room for them (the runtime sizes the KV cache by the tree's budget).
+    tree = None if chain else TreeSettings(top_k=3, depth=7, total_tokens=24)
     try:
-        tokens, stats = generate(model, prompt, GeneratorParams(max_new_tokens=120, stop_at_eos=False, lookup=False))
+        tokens, stats = generate(model, prompt, GeneratorParams(max_new_tokens=120, stop_at_eos=False, lookup=False,
+                                                                tree=tree))
     finally:
         model.drafter = saved
     assert tokens == expected, label
@@ -87,6 +91,15 @@ def assert_oracle_chain_exact(model, label: str) -> None:
 def test_quantized_target_speculative_equals_its_own_target_only_output(quantized):
     for precision, model in quantized.items():
         assert_oracle_chain_exact(model, precision)
+
+
+def test_quantized_target_verifies_trees_on_dovetails_kernels(quantized):
+    """TreeAttention computes a tree row as its token decoded alone, so there a quantized target's trees are exact."""
+    for precision, model in quantized.items():
+        if model.target.graph.name != "target.rows.onnx":
+            pytest.skip("dovetail's kernels do not run here")
+        assert model.manifest.target.kernel_verify == "tree" and model.target.verify == "tree"
+        assert_oracle_chain_exact(model, precision, chain=False)
 
 
 def test_another_quantization_block_stays_exact(quantized, hf_dirs, tmp_path):
