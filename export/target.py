@@ -24,7 +24,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dovetail_onnx.export.gguf import use_gguf_blocks
 from dovetail_onnx.runtime.errors import DovetailError
-from dovetail_onnx.runtime.kernels import ATTENTION_OP, DOMAIN, ROWS_OP, rows_kernel_takes, rows_library
+from dovetail_onnx.runtime.kernels import (ATTENTION_OP, DOMAIN, FLOAT_ROWS_OP, ROWS_OP, rows_kernel_takes,
+                                           rows_library)
 from dovetail_onnx.runtime.manifest import DEFAULT_BLOCK_SIZES, GraphSpec
 from dovetail_onnx.runtime.target import ROW_STEPS, Target
 from dovetail_onnx.runtime.tree import MASKED, Tree, causal
@@ -112,21 +113,25 @@ def export_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pa
 
 def write_rows_graph(path: Path, rows_path: Path) -> tuple[bool, bool]:
     """Write the graph at `path` again with dovetail's kernels (runtime/kernels.py) where they take a node: every
-    MatMulNBits the row kernel takes, and attention as TreeAttention (`use_tree_attention`). It reads the same
-    weights file. Returns (written: False when they take no node, attention on TreeAttention)."""
+    MatMulNBits the row kernel takes, every MatMul by an fp32 weight matrix of whole 16-column tiles, and attention
+    as TreeAttention (`use_tree_attention`). It reads the same weights file. Returns (written: False when they
+    take no node, attention on TreeAttention)."""
     graph = onnx.load(str(path), load_external_data=False)
-    floats = {t.name for t in graph.graph.initializer if t.data_type == TensorProto.FLOAT}
+    floats = {t.name: t for t in graph.graph.initializer if t.data_type == TensorProto.FLOAT}
     attention = use_tree_attention(graph.graph)
     taken = []
     for node in graph.graph.node:
-        if node.op_type == "MatMulNBits":
+        weights = floats.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weights is not None and len(weights.dims) == 2 and weights.dims[1] % 16 == 0:
+            node.op_type, node.domain = FLOAT_ROWS_OP, DOMAIN
+            taken.append(node)
+        elif node.op_type == "MatMulNBits":
             a = {attribute.name: attribute.i for attribute in node.attribute}
             inputs = [i for i in node.input if i]
             if rows_kernel_takes(a["bits"], a["K"], a["N"], a["block_size"], len(inputs),
                                  float_zero_points=len(node.input) > 3 and node.input[3] in floats):
+                node.op_type, node.domain = ROWS_OP, DOMAIN
                 taken.append(node)
-    for node in taken:
-        node.op_type, node.domain = ROWS_OP, DOMAIN
     if taken or attention:
         graph.opset_import.append(helper.make_opsetid(DOMAIN, 1))
         onnx.save(graph, str(rows_path))

@@ -4,7 +4,8 @@ ORT's MatMulNBits and GroupQueryAttention compute a lone row by another path tha
 quantized verify forward had to be padded to stay exact; MatMulNBits unpacks its weights again for every row, and
 GroupQueryAttention sums a tree row's keys in another order than sequential decoding. `MatMulNBitsRows`
 (kernels/matmul_rows.cpp) computes every row alike and unpacks each weight tile once for up to 8 rows;
-`TreeAttention` (kernels/tree_attention.cpp) computes every row alike and a tree row as its token decoded alone.
+`TreeAttention` (kernels/tree_attention.cpp) computes every row alike and a tree row as its token decoded alone;
+`MatMulFloatRows` (kernels/matmul_float_rows.cpp) streams fp32 weights from huge pages faster than ORT's MatMul.
 C++ with AVX-512 VNNI intrinsics where they pay (AVX2 elsewhere), compiled once per source version into one library
 in the cache folder; where no compiler or no such CPU is found, the runtime keeps ORT's kernels and says why.
 """
@@ -21,8 +22,9 @@ from pathlib import Path
 from dovetail_onnx.runtime.errors import DovetailError
 
 SOURCES = [Path(__file__).parent / "kernels" / name
-           for name in ("library.cpp", "matmul_rows.cpp", "tree_attention.cpp", "ops.h", "ort_abi.h")]
-DOMAIN, ROWS_OP, ATTENTION_OP = "dovetail", "MatMulNBitsRows", "TreeAttention"
+           for name in ("library.cpp", "matmul_rows.cpp", "matmul_float_rows.cpp", "tree_attention.cpp", "arena.h",
+                        "ops.h", "ort_abi.h")]
+DOMAIN, ROWS_OP, FLOAT_ROWS_OP, ATTENTION_OP = "dovetail", "MatMulNBitsRows", "MatMulFloatRows", "TreeAttention"
 COMPILE = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
 
 

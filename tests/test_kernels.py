@@ -75,6 +75,32 @@ def test_every_row_equals_that_row_run_alone(k, n, block, bits, isa):
         np.testing.assert_array_equal(rows.run(None, {"A": a[:, :m]})[0], alone[:, :m], err_msg=f"{m} rows")
 
 
+def float_node(k: int, n: int, seed: int) -> tuple[bytes, np.ndarray]:
+    """A one-node MatMulFloatRows graph (fp32 weights B [K, N]) and its B."""
+    b = np.random.default_rng(seed).standard_normal((k, n), dtype=np.float32)
+    node = helper.make_node(kernels.FLOAT_ROWS_OP, ["A", "B"], ["Y"], domain=kernels.DOMAIN)
+    graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, "M", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(b, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(kernels.DOMAIN, 1)])
+    model.ir_version = 10
+    return model.SerializeToString(), b
+
+
+@needs_kernel
+@pytest.mark.parametrize("k, n", [(576, 96), (1536, 48), (100, 32), (16, 16)])
+def test_float_rows_are_each_row_alone_and_a_matmul(k, n, isa):
+    """fp32 weights: up to 8 rows (AVX2: 3) share each weight tile, sums in spans of 64 k (K = 100 ends in a short
+    one); every row is what it is alone, and the product is numpy's within float rounding."""
+    model, b = float_node(k, n, seed=k)
+    rows = session(model, LIBRARY)
+    a = np.random.default_rng(2).standard_normal((1, 17, k), dtype=np.float32)
+    alone = np.concatenate([rows.run(None, {"A": a[:, i : i + 1]})[0] for i in range(17)], axis=1)
+    for m in (*range(1, 11), 17):
+        np.testing.assert_array_equal(rows.run(None, {"A": a[:, :m]})[0], alone[:, :m], err_msg=f"{m} rows")
+    np.testing.assert_allclose(alone[0], a[0].astype(np.float64) @ b, rtol=0, atol=2e-4 * np.sqrt(k))
+
+
 @needs_kernel
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k, n, block", SHAPES)

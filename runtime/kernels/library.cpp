@@ -9,7 +9,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(O
     return failure("dovetail's kernels need AVX2, FMA and F16C");
   OrtCustomOpDomain *domain = nullptr;
   if (OrtStatus *status = api_call<CreateCustomOpDomain>("dovetail", &domain)) return status;
-  for (const OrtCustomOp *op : {&matmul_rows_op(), &tree_attention_op()})
+  for (const OrtCustomOp *op : {&matmul_rows_op(), &matmul_float_rows_op(), &tree_attention_op()})
     if (OrtStatus *status = api_call<CustomOpDomain_Add>(domain, op)) return status;
   return api_call<AddCustomOpDomain>(options, domain);
 }

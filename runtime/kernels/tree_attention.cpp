@@ -141,23 +141,6 @@ void rotate(const float *in, float *out, int64_t dim, int64_t half, const float 
   }
 }
 
-struct Shape {
-  std::vector<int64_t> dims;
-  OrtStatus *status = nullptr;
-};
-
-Shape shape_of(const OrtValue *value) {
-  Shape shape;
-  OrtTensorTypeAndShapeInfo *info = nullptr;
-  if ((shape.status = api_call<GetTensorTypeAndShape>(value, &info))) return shape;
-  size_t rank = 0;
-  shape.status = api_call<GetDimensionsCount>(info, &rank);
-  shape.dims.resize(rank);
-  if (!shape.status) shape.status = api_call<GetDimensions>(info, shape.dims.data(), rank);
-  api_call<ReleaseTensorTypeAndShapeInfo>(info);
-  return shape;
-}
-
 template <typename T>
 T *data_of(const OrtValue *value) {
   void *data = nullptr;
