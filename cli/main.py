@@ -37,7 +37,7 @@ def main() -> None:
               help="Default tree top-k stored in the artifact.")
 @click.option("--depth", type=DEPTH, default=None,
               help=f"Default tree depth [default: {EXPORT_TREE.depth}; {EXPORT_CHAIN_DEPTH} for a quantized target, "
-                   "which verifies chains].")
+                   "whose default is a chain: it verifies trees only on dovetail's kernels].")
 @click.option("--tree-tokens", type=TREE_TOKENS, default=EXPORT_TREE.total_tokens, show_default=True,
               help="Default tree size (root included).")
 @click.option("--min-prob", type=MIN_PROB, default=EXPORT_TREE.min_prob, show_default=True,

@@ -86,7 +86,8 @@ class TreeSettings:
 # What `export` stores unless told otherwise: Dovetail's tree, and the least path probability that paid
 # on a 2-core CPU drafting with the int8 drafter (README, "Drafting cost": 0.3-0.5 were best).
 EXPORT_TREE = TreeSettings(min_prob=0.4)
-# A quantized target verifies chains (top_k 1), and its export stores this depth unless told otherwise. On the
+# A quantized target's stored default is a chain (top_k 1; it verifies trees only where dovetail's kernels run, and
+# with the drafter on the CPU chains paid as well: README), of this depth unless told otherwise. On the
 # AVX-512 EPYC (README) int4 SmolLM2 at block 128 runs an even number of rows, so a chain of 3 verifies in the
 # 4 rows a chain of 2 pays for anyway: 1.53-1.57x target-only against 1.40-1.44x for chains of 1 and 2 (two runs).
 # At block 32 chains of 1, 2 and 3 had run within 3 % of one another, and a chain of 7 was slower. On the row kernel
