@@ -25,7 +25,8 @@ namespace {
 
 #define AVX2 __attribute__((target("avx2,fma")))
 
-constexpr int64_t kRowsPerTask = 4;  // query rows of one head that share each key's loads
+constexpr int64_t kRowsPerTask = 4;     // query rows of one head that share each block of keys
+constexpr int64_t kKeysPerBlock = 64;   // 16 KiB of K at 64 dims: stays in L1 while the task's rows pass over it
 constexpr float kNoWeight = -87.f;   // exp below this is taken as 0, so a masked key (bias -3.4e38) adds nothing
 enum Input { QKV, KEY, VALUE, PAST_KEY, PAST_VALUE, SEQLENS, TOTAL, COS, SIN, POSITIONS, BIAS, SINK, INPUTS };
 
@@ -45,12 +46,40 @@ struct Call {
   float *out;                  // [rows][heads][dim]
 };
 
-AVX2 float dot(const float *a, const float *b, int64_t dim) {
-  __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
-  for (int64_t d = 8; d < dim; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), sum);
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+// Scores of one query row against keys [k0, k1) over one slice of its dims (C 8-float chunks, at most 64): the
+// query's slice stays in registers while the keys stream past (a block of them stays in L1 for the task's other
+// rows). Each key's products are one FMA chain and a fixed reduction, summed over slices in order, then scaled and
+// biased: the same steps for every key wherever it falls.
+template <int C>
+AVX2 void slice_scores(const float *q, const float *keys, int64_t dim, int64_t k0, int64_t k1, bool first, bool last,
+                       float scale, const float *bias, float *scores) {
+  __m256 slice[C];
+  for (int c = 0; c < C; c++) slice[c] = _mm256_loadu_ps(q + 8 * c);
+  for (int64_t k = k0; k < k1; k++) {
+    const float *key = keys + k * dim;
+    __m256 sum = _mm256_mul_ps(slice[0], _mm256_loadu_ps(key));
+    for (int c = 1; c < C; c++) sum = _mm256_fmadd_ps(slice[c], _mm256_loadu_ps(key + 8 * c), sum);
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    if (!first) x = _mm_add_ss(_mm_set_ss(scores[k]), x);
+    if (last) x = _mm_fmadd_ss(x, _mm_set_ss(scale), _mm_set_ss(bias[k]));
+    scores[k] = _mm_cvtss_f32(x);
+  }
+}
+
+AVX2 void scores_of(int chunks, const float *q, const float *keys, int64_t dim, int64_t k0, int64_t k1, bool first,
+                    bool last, float scale, const float *bias, float *scores) {
+  switch (chunks) {
+    case 1: return slice_scores<1>(q, keys, dim, k0, k1, first, last, scale, bias, scores);
+    case 2: return slice_scores<2>(q, keys, dim, k0, k1, first, last, scale, bias, scores);
+    case 3: return slice_scores<3>(q, keys, dim, k0, k1, first, last, scale, bias, scores);
+    case 4: return slice_scores<4>(q, keys, dim, k0, k1, first, last, scale, bias, scores);
+    case 5: return slice_scores<5>(q, keys, dim, k0, k1, first, last, scale, bias, scores);
+    case 6: return slice_scores<6>(q, keys, dim, k0, k1, first, last, scale, bias, scores);
+    case 7: return slice_scores<7>(q, keys, dim, k0, k1, first, last, scale, bias, scores);
+    default: return slice_scores<8>(q, keys, dim, k0, k1, first, last, scale, bias, scores);
+  }
 }
 
 // exp(x) for x <= 0 (Cephes' expf: x = n ln 2 + r, a degree-6 polynomial in r), exactly 0 below kNoWeight.
@@ -110,11 +139,12 @@ AVX2 void attend(void *data, size_t task) {
   const float *k_rows = call.keys + group * call.capacity * dim, *v_rows = call.values + group * call.capacity * dim;
   thread_local std::vector<float> scores;
   scores.assign(static_cast<size_t>((last - first) * padded), std::numeric_limits<float>::lowest());
-  for (int64_t k = 0; k < keys; k++)
-    for (int64_t i = first; i < last; i++) {
-      const float *q = call.queries.data() + (i * op.heads + head) * dim;
-      scores[(i - first) * padded + k] = dot(q, k_rows + k * dim, dim) * op.scale + call.bias[i * call.total + k];
-    }
+  for (int64_t k0 = 0; k0 < keys; k0 += kKeysPerBlock)
+    for (int64_t i = first; i < last; i++)
+      for (int64_t d = 0; d < dim; d += 64)
+        scores_of(static_cast<int>(std::min<int64_t>(64, dim - d) / 8), call.queries.data() + (i * op.heads + head) * dim + d,
+                  k_rows + d, dim, k0, std::min(keys, k0 + kKeysPerBlock), d == 0, d + 64 >= dim, op.scale,
+                  call.bias + i * call.total, scores.data() + (i - first) * padded);
   for (int64_t i = first; i < last; i++) {
     float *row = scores.data() + (i - first) * padded;
     __m256 peak = _mm256_loadu_ps(row);
