@@ -74,7 +74,9 @@ class GeneratorParams:
         if self.mode not in MODES:
             raise DovetailError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
         self.sampling.check(model.manifest.target.vocab_size)
-        if problem := self.tree.problem(model.manifest.max_top_k) or self.tree.chain_problem(model.target.verify):
+        target = model.target
+        if problem := self.tree.problem(model.manifest.max_top_k) or self.tree.chain_problem(target.verify,
+                                                                                             target.chains_why):
             raise DovetailError(f"{problem} (tree limits of this artifact's graphs)")
         if prompt_len < 1:
             raise DovetailError("the prompt is empty; give some text")

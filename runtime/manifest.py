@@ -30,6 +30,13 @@ DEFAULT_BLOCK_SIZES = {"int8": 32, "int4": 128, "gguf": 32}  # gguf: most GGUF t
 # One verify forward's rows: the target's output buffers hold this many (see buffers.PREFILL_CHUNK).
 MAX_TREE_TOKENS = 128
 SIZINGS = ("cost", "fixed")  # how a step's tree size is chosen (TreeSettings.step_ms)
+# Why a quantized target verifies chains: on ORT's attention, and on a kernel graph exported before its trees were
+# checked (no `kernel_verify`).
+CHAINS_ON_ORT = ("on ONNX Runtime's attention its quantized rows round a tree row that skips other branches' keys "
+                 "differently from sequential decoding, so it verifies chains (on dovetail's kernels, where they "
+                 "build, it verifies trees)")
+CHAINS_UNCHECKED = ("its kernel graph was exported before trees were checked on it, so it verifies chains; re-export "
+                    "the artifact to verify trees")
 
 
 @dataclass(frozen=True)
@@ -73,13 +80,11 @@ class TreeSettings:
         expected = 1.0 + np.concatenate(([0.0], np.cumsum(np.exp(scores[: sizes - 1]))))
         return int(np.argmax(expected / np.asarray(self.step_ms[:sizes]))) + 1
 
-    def chain_problem(self, verify: str) -> str | None:
+    def chain_problem(self, verify: str, why: str = CHAINS_ON_ORT) -> str | None:
         """A target that verifies chains only (quantized activations on ONNX Runtime's attention, see
-        export/target.py) needs top_k 1."""
+        export/target.py) needs top_k 1; `why` it does, for the message."""
         if verify == "chain" and self.top_k != 1:
-            return (f"--top-k must be 1 for this target here, got {self.top_k}: on ONNX Runtime's attention its "
-                    "quantized rows round a tree row that skips other branches' keys differently from sequential "
-                    "decoding, so it verifies chains (on dovetail's kernels, where they build, it verifies trees)")
+            return f"--top-k must be 1 for this target here, got {self.top_k}: {why}"
         return None
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from dovetail_onnx.runtime.buffers import FLOAT, PREFILL_CHUNK, SharedKVCache
 from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.kernels import rows_library
-from dovetail_onnx.runtime.manifest import GraphSpec
+from dovetail_onnx.runtime.manifest import CHAINS_ON_ORT, CHAINS_UNCHECKED, GraphSpec
 from dovetail_onnx.runtime.sessions import check_io, open_session
 from dovetail_onnx.runtime.tree import MASKED, causal
 
@@ -46,6 +46,7 @@ class Target:
         self.graph = graph
         # Draft shapes whose rows equal sequential decoding on the graph that runs: trees on dovetail's attention.
         self.verify = spec.kernel_verify or spec.verify if libraries else spec.verify
+        self.chains_why = CHAINS_UNCHECKED if libraries and not spec.kernel_verify else CHAINS_ON_ORT
         self.session, self.device = open_session(graph, "cpu", threads, "target", libraries=libraries)
         names = SharedKVCache.graph_names(spec.num_layers)
         check_io(self.session, "target",

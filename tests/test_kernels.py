@@ -181,6 +181,21 @@ def test_without_dovetails_kernels_a_quantized_target_verifies_chains_only(quant
         generate(model, model.encode_prompt("hello"), GeneratorParams(max_new_tokens=4, tree=TreeSettings(3, 2, 6)))
 
 
+@needs_kernel
+def test_a_kernel_graph_exported_before_its_trees_were_checked_says_re_export(quantized, tmp_path):
+    """An artifact without `kernel_verify` (exported before TreeAttention's tree check) verifies chains, and says how
+    to get trees."""
+    from clirun import edited_artifact
+
+    folder = edited_artifact(quantized["int4"].manifest.folder, tmp_path / "old",
+                             lambda raw: raw["target"].pop("kernel_verify"))
+    model = Model(folder, draft_device="cpu", threads=1)
+    assert model.target.graph.name == "target.rows.onnx" and model.target.verify == "chain"
+    with pytest.raises(DovetailError, match=r"^--top-k must be 1 for this target here, got 3: its kernel graph was "
+                                            r"exported before trees were checked on it, .*re-export the artifact"):
+        generate(model, model.encode_prompt("hello"), GeneratorParams(max_new_tokens=4, tree=TreeSettings(3, 2, 6)))
+
+
 @pytest.fixture
 def unbuilt(monkeypatch, tmp_path):
     """rows_library() asked afresh, on a CPU it takes, with an empty cache folder; forgotten again afterwards."""
