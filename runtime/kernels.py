@@ -35,7 +35,7 @@ def cache_folder() -> Path:
 
 def cpu_supports_rows_kernel() -> bool:
     """AVX2, FMA and F16C at least (AVX-512 VNNI is used where present), as /proc/cpuinfo lists them (Linux);
-    other systems keep MatMulNBits."""
+    other systems keep ORT's kernels."""
     try:
         flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
     except (OSError, IndexError):

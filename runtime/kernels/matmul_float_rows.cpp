@@ -131,9 +131,7 @@ OrtStatus *create(const OrtKernelInfo *info, Kernel *&out) {
   kernel->N = shape.dims[1];
   const char *isa = std::getenv("DOVETAIL_KERNEL_ISA");
   kernel->wide = !(isa && std::string(isa) == "avx2") && __builtin_cpu_supports("avx512f");
-  void *data = nullptr;
-  if (OrtStatus *status = api_call<GetTensorMutableData>(const_cast<OrtValue *>(value), &data)) return status;
-  const float *b = static_cast<const float *>(data);
+  const float *b = data_of<float>(value);
   kernel->packed.resize(static_cast<size_t>(kernel->K * kernel->N));
   float *to = kernel->packed.data();
   for (int64_t t = 0; t < kernel->N / kTile; t++)
@@ -155,37 +153,18 @@ OrtStatus *compute(const Kernel &kernel, OrtKernelContext *context) {
   OrtValue *output = nullptr;
   if (OrtStatus *status = api_call<KernelContext_GetOutput>(context, 0, shape.dims.data(), shape.dims.size(), &output))
     return status;
-  void *a = nullptr, *y = nullptr;
-  if (OrtStatus *status = api_call<GetTensorMutableData>(const_cast<OrtValue *>(input), &a)) return status;
-  if (OrtStatus *status = api_call<GetTensorMutableData>(output, &y)) return status;
   if (rows == 0) return nullptr;
-  Call call{&kernel, rows, static_cast<const float *>(a), static_cast<float *>(y)};
+  Call call{&kernel, rows, data_of<float>(input), data_of<float>(output)};
   const size_t tasks = static_cast<size_t>((kernel.N / kTile + kTilesPerTask - 1) / kTilesPerTask);
   return api_call<KernelContext_ParallelFor>(context, tiles, tasks, 0, &call);
 }
 
 OrtCustomOp make_op() {
-  OrtCustomOp op{};
-  op.version = kOrtApiVersion;
+  OrtCustomOp op = cpu_op<Kernel, 1, create, compute>();
   op.GetName = [](const OrtCustomOp *) { return "MatMulFloatRows"; };
-  op.GetExecutionProviderType = [](const OrtCustomOp *) -> const char * { return nullptr; };  // the CPU EP
   op.GetInputTypeCount = [](const OrtCustomOp *) -> size_t { return 2; };
   op.GetInputType = [](const OrtCustomOp *, size_t) -> int { return ELEMENT_FLOAT; };
-  op.GetOutputTypeCount = [](const OrtCustomOp *) -> size_t { return 1; };
-  op.GetOutputType = [](const OrtCustomOp *, size_t) -> int { return ELEMENT_FLOAT; };
   op.GetInputCharacteristic = [](const OrtCustomOp *, size_t) -> int { return INPUT_OUTPUT_REQUIRED; };
-  op.GetOutputCharacteristic = [](const OrtCustomOp *, size_t) -> int { return INPUT_OUTPUT_REQUIRED; };
-  op.GetInputMemoryType = [](const OrtCustomOp *, size_t) -> int { return MEM_TYPE_DEFAULT; };
-  op.CreateKernelV2 = [](const OrtCustomOp *, const void *, const OrtKernelInfo *info, void **out) -> OrtStatus * {
-    Kernel *kernel = nullptr;
-    OrtStatus *status = create(info, kernel);
-    *out = kernel;
-    return status;
-  };
-  op.KernelComputeV2 = [](void *kernel, OrtKernelContext *context) {
-    return compute(*static_cast<Kernel *>(kernel), context);
-  };
-  op.KernelDestroy = [](void *kernel) { delete static_cast<Kernel *>(kernel); };
   return op;
 }
 

@@ -372,7 +372,7 @@ OrtStatus *create(const OrtKernelInfo *info, Kernel *&out) {
   return nullptr;
 }
 
-OrtStatus *compute(Kernel &kernel, OrtKernelContext *context) {
+OrtStatus *compute(const Kernel &kernel, OrtKernelContext *context) {
   const OrtValue *input = nullptr;
   if (OrtStatus *status = api_call<KernelContext_GetInput>(context, 0, &input)) return status;
   OrtTensorTypeAndShapeInfo *info = nullptr;
@@ -409,29 +409,13 @@ OrtStatus *compute(Kernel &kernel, OrtKernelContext *context) {
 // The operator's schema: Y (float) = A (float, [..., K]) x B (MatMulNBits' uint8 weights) with float scales and,
 // optionally, float zero points.
 OrtCustomOp make_op() {
-  OrtCustomOp op{};
-  op.version = kOrtApiVersion;
+  OrtCustomOp op = cpu_op<Kernel, 1, create, compute>();
   op.GetName = [](const OrtCustomOp *) { return "MatMulNBitsRows"; };
-  op.GetExecutionProviderType = [](const OrtCustomOp *) -> const char * { return nullptr; };  // the CPU EP
   op.GetInputTypeCount = [](const OrtCustomOp *) -> size_t { return 4; };
   op.GetInputType = [](const OrtCustomOp *, size_t i) -> int { return i == 1 ? ELEMENT_UINT8 : ELEMENT_FLOAT; };
-  op.GetOutputTypeCount = [](const OrtCustomOp *) -> size_t { return 1; };
-  op.GetOutputType = [](const OrtCustomOp *, size_t) -> int { return ELEMENT_FLOAT; };
   op.GetInputCharacteristic = [](const OrtCustomOp *, size_t i) -> int {
     return i == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   };
-  op.GetOutputCharacteristic = [](const OrtCustomOp *, size_t) -> int { return INPUT_OUTPUT_REQUIRED; };
-  op.GetInputMemoryType = [](const OrtCustomOp *, size_t) -> int { return MEM_TYPE_DEFAULT; };
-  op.CreateKernelV2 = [](const OrtCustomOp *, const void *, const OrtKernelInfo *info, void **out) -> OrtStatus * {
-    Kernel *kernel = nullptr;
-    OrtStatus *status = create(info, kernel);
-    *out = kernel;
-    return status;
-  };
-  op.KernelComputeV2 = [](void *kernel, OrtKernelContext *context) {
-    return compute(*static_cast<Kernel *>(kernel), context);
-  };
-  op.KernelDestroy = [](void *kernel) { delete static_cast<Kernel *>(kernel); };
   return op;
 }
 

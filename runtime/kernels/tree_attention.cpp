@@ -40,9 +40,9 @@ struct Attention {
 struct Call {
   const Attention *op;
   int64_t rows, past, capacity, dim, total;
-  std::vector<float> queries;  // [rows][heads][dim], rotated
+  const float *queries;        // [rows][heads][dim], rotated
   const float *bias;           // [attention rows][total]; row i's at bias + i * total
-  const float *keys, *values;
+  float *keys, *values;
   float *out;                  // [rows][heads][dim]
 };
 
@@ -142,7 +142,7 @@ AVX2 void attend(void *data, size_t task) {
   for (int64_t k0 = 0; k0 < keys; k0 += kKeysPerBlock)
     for (int64_t i = first; i < last; i++)
       for (int64_t d = 0; d < dim; d += 64)
-        scores_of(static_cast<int>(std::min<int64_t>(64, dim - d) / 8), call.queries.data() + (i * op.heads + head) * dim + d,
+        scores_of(static_cast<int>(std::min<int64_t>(64, dim - d) / 8), call.queries + (i * op.heads + head) * dim + d,
                   k_rows + d, dim, k0, std::min(keys, k0 + kKeysPerBlock), d == 0, d + 64 >= dim, op.scale,
                   call.bias + i * call.total, scores.data() + (i - first) * padded);
   for (int64_t i = first; i < last; i++) {
@@ -169,13 +169,6 @@ void rotate(const float *in, float *out, int64_t dim, int64_t half, const float 
     out[d] = in[d] * cos[d] - in[d + half] * sin[d];
     out[d + half] = in[d + half] * cos[d] + in[d] * sin[d];
   }
-}
-
-template <typename T>
-T *data_of(const OrtValue *value) {
-  void *data = nullptr;
-  api_call<GetTensorMutableData>(const_cast<OrtValue *>(value), &data);
-  return static_cast<T *>(data);
 }
 
 OrtStatus *compute(const Attention &op, OrtKernelContext *context) {
@@ -210,9 +203,10 @@ OrtStatus *compute(const Attention &op, OrtKernelContext *context) {
   const float *qkv_rows = data_of<float>(in[QKV]), *cos_rows = data_of<float>(in[COS]), *sin_rows = data_of<float>(in[SIN]);
   const int64_t *position = data_of<int64_t>(in[POSITIONS]);
   const int64_t width = qkv.dims[2], present_capacity = present_dims[2];
-  Call call{&op, rows, past_rows, present_capacity, dim, total, {}, data_of<float>(in[BIAS]), nullptr, nullptr,
-            data_of<float>(out)};
-  call.queries.resize(static_cast<size_t>(rows * op.heads * dim));
+  thread_local std::vector<float> queries;  // one call per layer and forward: kept, not allocated each time
+  queries.resize(static_cast<size_t>(rows * op.heads * dim));
+  Call call{&op, rows, past_rows, present_capacity, dim, total, queries.data(), data_of<float>(in[BIAS]), nullptr,
+            nullptr, data_of<float>(out)};
   for (int kind = 0; kind < 2; kind++) {
     const float *past_data = data_of<float>(in[PAST_KEY + kind]);
     float *present_data = data_of<float>(present[kind]);
@@ -227,11 +221,11 @@ OrtStatus *compute(const Attention &op, OrtKernelContext *context) {
     const float *c = cos_rows + position[i] * half, *s = sin_rows + position[i] * half, *row = qkv_rows + i * width;
     const int64_t turn = op.rotary ? half : 0;
     for (int64_t h = 0; h < op.heads; h++)
-      rotate(row + h * dim, call.queries.data() + (i * op.heads + h) * dim, dim, turn, c, s);
+      rotate(row + h * dim, queries.data() + (i * op.heads + h) * dim, dim, turn, c, s);
     for (int64_t g = 0; g < op.kv_heads; g++) {
       const int64_t at = (g * present_capacity + past_rows + i) * dim;
-      rotate(row + (op.heads + g) * dim, const_cast<float *>(call.keys) + at, dim, turn, c, s);
-      std::memcpy(const_cast<float *>(call.values) + at, row + (op.heads + op.kv_heads + g) * dim,
+      rotate(row + (op.heads + g) * dim, call.keys + at, dim, turn, c, s);
+      std::memcpy(call.values + at, row + (op.heads + op.kv_heads + g) * dim,
                   static_cast<size_t>(dim) * sizeof(float));
     }
   }
@@ -257,31 +251,15 @@ OrtStatus *create(const OrtKernelInfo *info, Attention *&out) {
 }
 
 OrtCustomOp make_op() {
-  OrtCustomOp op{};
-  op.version = kOrtApiVersion;
+  OrtCustomOp op = cpu_op<Attention, 3, create, compute>();
   op.GetName = [](const OrtCustomOp *) { return "TreeAttention"; };
-  op.GetExecutionProviderType = [](const OrtCustomOp *) -> const char * { return nullptr; };  // the CPU EP
   op.GetInputTypeCount = [](const OrtCustomOp *) -> size_t { return INPUTS; };
   op.GetInputType = [](const OrtCustomOp *, size_t i) -> int {
     return i == SEQLENS || i == TOTAL ? ELEMENT_INT32 : i == POSITIONS ? ELEMENT_INT64 : ELEMENT_FLOAT;
   };
-  op.GetOutputTypeCount = [](const OrtCustomOp *) -> size_t { return 3; };
-  op.GetOutputType = [](const OrtCustomOp *, size_t) -> int { return ELEMENT_FLOAT; };
   op.GetInputCharacteristic = [](const OrtCustomOp *, size_t i) -> int {
     return i == KEY || i == VALUE || i == SINK ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   };
-  op.GetOutputCharacteristic = [](const OrtCustomOp *, size_t) -> int { return INPUT_OUTPUT_REQUIRED; };
-  op.GetInputMemoryType = [](const OrtCustomOp *, size_t) -> int { return MEM_TYPE_DEFAULT; };
-  op.CreateKernelV2 = [](const OrtCustomOp *, const void *, const OrtKernelInfo *info, void **out) -> OrtStatus * {
-    Attention *attention = nullptr;
-    OrtStatus *status = create(info, attention);
-    *out = attention;
-    return status;
-  };
-  op.KernelComputeV2 = [](void *attention, OrtKernelContext *context) {
-    return compute(*static_cast<Attention *>(attention), context);
-  };
-  op.KernelDestroy = [](void *attention) { delete static_cast<Attention *>(attention); };
   return op;
 }
 
