@@ -209,8 +209,9 @@ def profile(model: Model, prompt: list[int], contexts: list[int], rows: tuple[in
     Row counts take turns in rounds of two timed forwards each, after one untimed forward that takes the change of
     shape: timed one row count after another, the first ones measured slower on a VM whose speed drifts (a lone
     row slower than two). A round takes about 0.2 s and such a VM drifts for seconds at a time, so the medians
-    take 15 rounds: with 5, two runs on one int8 artifact read 8 rows at 1.14x and 1.60x one row. The target's K/V rows hold no real tokens while timing, so its cache is emptied
-    afterwards: the next generation must not reuse them.
+    take 15 rounds: with 5, two runs on one int8 artifact read 8 rows at 1.14x and 1.60x one row. The target's K/V
+    rows hold no real tokens while timing, so its cache is emptied afterwards: the next generation must not reuse
+    them.
     """
     target, rng = model.target, np.random.default_rng(0)
     target.start(max(contexts) + max(rows), max(rows))

@@ -38,8 +38,8 @@ class Target:
                       "blocks with zero points (Q4_1, Q4_K) take MatMulNBits' fp32 path, ~20x slower: fix that, or "
                       "export --precision int4 for this machine", file=sys.stderr)
             elif spec.precision == "fp32":
-                print(f"note: the target runs onnxruntime's attention, not dovetail's ({why}): slower at long context",
-                      file=sys.stderr)
+                print(f"note: the target runs onnxruntime's MatMul and attention, not dovetail's kernels ({why}): "
+                      "slower, most at long context", file=sys.stderr)
             else:
                 print(f"note: the quantized target runs onnxruntime's MatMulNBits and attention, not dovetail's kernels "
                       f"({why}), so verify rows cost more", file=sys.stderr)

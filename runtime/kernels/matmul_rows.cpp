@@ -383,23 +383,15 @@ OrtStatus *create(const OrtKernelInfo *info, Kernel *&out) {
 OrtStatus *compute(const Kernel &kernel, OrtKernelContext *context) {
   const OrtValue *input = nullptr;
   if (OrtStatus *status = api_call<KernelContext_GetInput>(context, 0, &input)) return status;
-  OrtTensorTypeAndShapeInfo *info = nullptr;
-  if (OrtStatus *status = api_call<GetTensorTypeAndShape>(input, &info)) return status;
-  size_t rank = 0;
-  OrtStatus *status = api_call<GetDimensionsCount>(info, &rank);
-  std::vector<int64_t> shape(rank);
-  if (!status) status = api_call<GetDimensions>(info, shape.data(), rank);
-  api_call<ReleaseTensorTypeAndShapeInfo>(info);
-  if (status) return status;
-  if (rank == 0 || shape.back() != kernel.K) return failure("MatMulNBitsRows: input's last axis is not K");
+  Shape shape = shape_of(input);
+  if (shape.status) return shape.status;
+  if (shape.dims.empty() || shape.dims.back() != kernel.K) return failure("MatMulNBitsRows: input's last axis is not K");
   int64_t rows_count = 1;
-  for (size_t i = 0; i + 1 < rank; i++) rows_count *= shape[i];
-  shape.back() = kernel.N;
+  for (size_t i = 0; i + 1 < shape.dims.size(); i++) rows_count *= shape.dims[i];
+  shape.dims.back() = kernel.N;
   OrtValue *output = nullptr;
-  if ((status = api_call<KernelContext_GetOutput>(context, 0, shape.data(), rank, &output))) return status;
-  void *a = nullptr, *y = nullptr;
-  if ((status = api_call<GetTensorMutableData>(const_cast<OrtValue *>(input), &a))) return status;
-  if ((status = api_call<GetTensorMutableData>(output, &y))) return status;
+  if (OrtStatus *status = api_call<KernelContext_GetOutput>(context, 0, shape.dims.data(), shape.dims.size(), &output))
+    return status;
   if (rows_count == 0) return nullptr;
   thread_local Rows rows;
   rows.kernel = &kernel;
@@ -408,8 +400,8 @@ OrtStatus *compute(const Kernel &kernel, OrtKernelContext *context) {
   rows.scale.resize(static_cast<size_t>(rows_count * kernel.blocks));
   rows.shift.resize(rows.scale.size());
   rows.total.resize(rows.scale.size());
-  rows.out = static_cast<float *>(y);
-  (kernel.wide ? quantize : quantize_avx2)(static_cast<const float *>(a), rows);
+  rows.out = data_of<float>(output);
+  (kernel.wide ? quantize : quantize_avx2)(data_of<float>(input), rows);
   const size_t tasks = static_cast<size_t>((kernel.N / kTile + kTilesPerTask - 1) / kTilesPerTask);
   return api_call<KernelContext_ParallelFor>(context, kernel.bits == 4 ? tiles<4> : tiles<8>, tasks, 0, &rows);
 }
