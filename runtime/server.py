@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -66,7 +66,7 @@ class Sampling(BaseModel):
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
-    stop: str | list[str] | None = Field(None, max_length=4)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # up to 4 strings, each of any length
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)

@@ -124,6 +124,25 @@ def test_stop_string_cuts_the_reply(client, reference):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
 
 
+@pytest.mark.parametrize("stop", ["Banana", "\n\nUser:", ["</answer>", "Question:", "###", "\nHuman:"]])
+def test_realistic_stop_strings_are_taken(client, reference, stop):
+    """A stop string is text of any length; only the list is limited to 4."""
+    messages = chat_messages("realistic stops")
+    text, _, _ = reference(messages, max_tokens=20)
+    out = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0, stop=stop)
+    stops = [stop] if isinstance(stop, str) else stop
+    cuts = [text.index(s) for s in stops if s in text]
+    assert out.choices[0].message.content == text[: min(cuts, default=len(text))]
+
+
+def test_a_six_character_stop_string_cuts_the_reply(client, reference):
+    messages = chat_messages("stop early")
+    text, _, _ = reference(messages, max_tokens=40)
+    stop = text[8:14]
+    out = client.chat.completions.create(model=NAME, messages=messages, max_tokens=40, temperature=0, stop=stop)
+    assert out.choices[0].message.content == text[: text.index(stop)] and out.choices[0].finish_reason == "stop"
+
+
 def test_a_conversation_reuses_the_last_turn(client, reference):
     messages = chat_messages("first turn")
     for turn in range(3):
@@ -162,6 +181,8 @@ BAD = [
     ("long prompt", {"messages": [{"role": "user", "content": "x" * 600}]}, 400, "exceeds the model's context"),
     ("temperature", {"temperature": -1, "messages": [{"role": "user", "content": "x"}]}, 400, "temperature"),
     ("top_p", {"top_p": 0, "messages": [{"role": "user", "content": "x"}]}, 400, "top-p"),
+    ("five stop strings", {"stop": ["a", "b", "c", "d", "e"], "messages": [{"role": "user", "content": "x"}]}, 400,
+     "stop"),
     ("max_tokens 0", {"max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
     ("oversize body", {"messages": [{"role": "user", "content": "x" * (MAX_BODY_BYTES + 1)}]}, 413, "request body"),
 ]
