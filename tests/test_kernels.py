@@ -164,12 +164,12 @@ def test_quantized_target_runs_the_kernel_graph_and_needs_no_padding(quantized, 
 
 
 @pytest.mark.parametrize("why", ["no C++ compiler found (install g++ or set CXX)", "this CPU has no AVX2"])
-def test_without_the_kernel_the_target_runs_ort_kernels_and_says_why(quantized, monkeypatch, capsys, why):
+def test_without_the_kernel_the_target_runs_ort_kernels_and_says_why(quantized, monkeypatch, caplog, why):
     monkeypatch.setattr("dovetail_onnx.runtime.target.rows_library", lambda: (None, why))
     manifest = quantized["int4"].manifest
     target = Target(manifest.folder / manifest.target.file, manifest.target, threads=1)
     assert target.graph.name == "target.onnx"
-    assert why in capsys.readouterr().err
+    assert why in caplog.text
 
 
 def test_without_dovetails_kernels_a_quantized_target_verifies_chains_only(quantized, monkeypatch):
@@ -198,8 +198,10 @@ def test_a_kernel_graph_exported_before_its_trees_were_checked_says_re_export(qu
 
 @pytest.fixture
 def unbuilt(monkeypatch, tmp_path):
-    """rows_library() asked afresh, on a CPU it takes, with an empty cache folder; forgotten again afterwards."""
+    """rows_library() asked afresh, on a CPU it takes, with an empty cache folder and no prebuilt library (a wheel's);
+    forgotten again afterwards."""
     monkeypatch.setenv("DOVETAIL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "FOLDER", tmp_path / "package")
     monkeypatch.setattr(kernels, "cpu_supports_rows_kernel", lambda: True)
     kernels.rows_library.cache_clear()
     yield tmp_path
