@@ -1,6 +1,7 @@
 """The click classes every dovetail-onnx command uses: every failure is one line on stderr, never a traceback."""
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 
@@ -18,6 +19,23 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, frame) -> None:
     raise Terminated()
+
+
+class NoteHandler(logging.Handler):
+    """The library's log records on stderr, a line each: warnings as `note: …`, information as it is. It writes to
+    the stderr of the moment (click's test runner swaps it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "note: " if record.levelno >= logging.WARNING else ""
+        click.echo(prefix + record.getMessage(), err=True)
+
+
+def show_notes() -> None:
+    """Send dovetail_onnx's log records, information and up, to stderr (once per process)."""
+    library = logging.getLogger("dovetail_onnx")
+    if not any(isinstance(handler, NoteHandler) for handler in library.handlers):
+        library.addHandler(NoteHandler())
+        library.setLevel(logging.INFO)
 
 
 class OneLineUsageError(click.UsageError):

@@ -10,7 +10,7 @@ per 32 values, the nearest to lossless MatMulNBits has; export says how many.
 """
 from __future__ import annotations
 
-import sys
+import logging
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 
 from dovetail_onnx.runtime.errors import DovetailError
 
+log = logging.getLogger(__name__)
 BLOCK = 32  # values per block of the types mapped exactly (Q6_K: 16) and of the 8-bit fallback
 # Bytes per block (of 32 values; of 256 for the K-quants) of the types mapped exactly.
 EXACT = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20, GGMLQuantizationType.Q5_0: 22,
@@ -245,11 +246,11 @@ def use_gguf_blocks(graph_path: Path, model: PreTrainedModel, gguf: Path) -> Non
         reshape.input[1] = shape
         set_attributes(node, bits=blocks.bits, block_size=blocks.block)
     kept = ", ".join(f"{count} {kind}" for kind, count in sorted(weights.kept.items()))
-    print(f"gguf: the file's own blocks for {sum(weights.kept.values())} matrices ({kept})", file=sys.stderr)
+    log.info(f"gguf: the file's own blocks for {sum(weights.kept.values())} matrices ({kept})")
     if weights.requantized:
-        print(f"note: {len(weights.requantized)} GGUF matrices have no exact MatMulNBits form and were quantized to "
-              f"8 bits per {BLOCK} values: {', '.join(weights.requantized[:3])}"
-              f"{', ...' if len(weights.requantized) > 3 else ''}", file=sys.stderr)
+        log.warning(f"{len(weights.requantized)} GGUF matrices have no exact MatMulNBits form and were quantized to "
+                    f"8 bits per {BLOCK} values: {', '.join(weights.requantized[:3])}"
+                    f"{', ...' if len(weights.requantized) > 3 else ''}")
     data = graph_path.with_name(graph_path.name + ".data")
     data.unlink()
     onnx.save(proto, str(graph_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)

@@ -1,12 +1,15 @@
 """ONNX Runtime sessions, and the truth about which execution provider runs them.
 
 onnxruntime-gpu lists CUDAExecutionProvider even on machines without a GPU and then silently runs
-on the CPU, so the provider in use is read back from the session, never assumed.
+on the CPU, so the provider in use is read back from the session, never assumed. On a machine with no
+GPU driver, `auto` does not ask for CUDA at all: ORT would only log its provider's load failure.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import logging
 import os
-import sys
 from pathlib import Path
 
 import onnxruntime as ort
@@ -14,8 +17,17 @@ import onnxruntime as ort
 from dovetail_onnx.runtime.errors import DovetailError
 
 DEVICES = ("auto", "cuda", "cpu")
-# ORT logs a provider-load failure as an error line; open_session reports fallbacks itself.
-ort.set_default_logger_severity(4)
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def gpu_driver() -> bool:
+    """Whether NVIDIA's driver library loads: CUDA cannot run without it."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
 
 
 def usable_cores() -> int:
@@ -25,6 +37,7 @@ def usable_cores() -> int:
 
 def session_options(threads: int | None, spin: bool, libraries: tuple[Path, ...] = ()) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # a session's own warnings (node placement, unused initializers) are not the user's
     for library in libraries:
         try:
             options.register_custom_ops_library(str(library))
@@ -50,7 +63,12 @@ def open_session(path: Path, device: str, threads: int | None, role: str, spin: 
     """
     if device not in DEVICES:
         raise DovetailError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
-    want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
+    cuda_listed = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cuda" and not (cuda_listed and gpu_driver()):
+        why = "this ONNX Runtime has no CUDA provider" if not cuda_listed else "no GPU driver (libcuda.so.1) is found"
+        raise DovetailError(f"{role} asked for CUDA but {why}; install onnxruntime-gpu on a machine with an NVIDIA "
+                            "GPU, or pass --draft-device cpu")
+    want_cuda = device != "cpu" and cuda_listed and gpu_driver()
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
     options = session_options(threads, spin, libraries)
     try:
@@ -64,7 +82,8 @@ def open_session(path: Path, device: str, threads: int | None, role: str, spin: 
             "missing for onnxruntime-gpu); fix the CUDA install or pass --draft-device cpu"
         )
     if device == "auto" and want_cuda and used != "cuda":
-        print(f"note: {role} fell back to the CPU: CUDA is listed by onnxruntime-gpu but no GPU is usable", file=sys.stderr)
+        log.warning(f"{role} fell back to the CPU: a GPU driver is present but ONNX Runtime's CUDA provider did not "
+                    "start (CUDA or cuDNN libraries missing?)")
     return session, used
 
 

@@ -1,7 +1,7 @@
 """The target graph on the CPU execution provider, its KV cache and its output buffers."""
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from dovetail_onnx.runtime.tree import MASKED, causal
 
 ROW_STEPS = (1, 2, 4)  # row multiples tried, fewest padding rows first
 CHECKED_ROWS = 8  # chain forwards of 1..8 rows are checked against sequential decoding
+log = logging.getLogger(__name__)
 
 
 class Target:
@@ -34,15 +35,15 @@ class Target:
             if library:
                 graph, libraries = path.with_name(spec.kernel_file), (library,)
             elif spec.precision == "gguf":  # MatMulNBits computes float zero points by dequantizing to fp32
-                print(f"note: the gguf target runs onnxruntime's MatMulNBits, not dovetail's row kernel ({why}); its "
-                      "blocks with zero points (Q4_1, Q4_K) take MatMulNBits' fp32 path, ~20x slower: fix that, or "
-                      "export --precision int4 for this machine", file=sys.stderr)
+                log.warning(f"the gguf target runs onnxruntime's MatMulNBits, not dovetail's row kernel ({why}); its "
+                            "blocks with zero points (Q4_1, Q4_K) take MatMulNBits' fp32 path, ~20x slower: fix that, or "
+                            "export --precision int4 for this machine")
             elif spec.precision == "fp32":
-                print(f"note: the target runs onnxruntime's MatMul and attention, not dovetail's kernels ({why}): "
-                      "slower, most at long context", file=sys.stderr)
+                log.warning(f"the target runs onnxruntime's MatMul and attention, not dovetail's kernels ({why}): "
+                            "slower, most at long context")
             else:
-                print(f"note: the quantized target runs onnxruntime's MatMulNBits and attention, not dovetail's kernels "
-                      f"({why}), so verify rows cost more", file=sys.stderr)
+                log.warning(f"the quantized target runs onnxruntime's MatMulNBits and attention, not dovetail's kernels "
+                            f"({why}), so verify rows cost more")
         self.graph = graph
         # Draft shapes whose rows equal sequential decoding on the graph that runs: trees on dovetail's attention.
         self.verify = spec.kernel_verify or spec.verify if libraries else spec.verify
@@ -61,9 +62,9 @@ class Target:
         if spec.precision != "fp32":
             self.row_step = self._exact_row_step()
             if self.row_step > spec.row_step:
-                print(f"note: this CPU's quantized kernels compute a row differently by how many rows run with it; "
-                      f"every target forward runs a multiple of {self.row_step} rows (the exporting CPU: "
-                      f"{spec.row_step}) so speculative output stays identical to target-only", file=sys.stderr)
+                log.warning(f"this CPU's quantized kernels compute a row differently by how many rows run with it; "
+                            f"every target forward runs a multiple of {self.row_step} rows (the exporting CPU: "
+                            f"{spec.row_step}) so speculative output stays identical to target-only")
 
     def _exact_row_step(self) -> int:
         """The least row multiple at which every row of a chain forward equals sequential decoding bit for bit on

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from clirun import edited_artifact, fails
 from dovetail_onnx.cli.main import main
-from dovetail_onnx.runtime import Model, kernels
+from dovetail_onnx.runtime import Model, kernels, sessions
 from dovetail_onnx.runtime.bench import tune_tree, tuning_trees
 from dovetail_onnx.runtime.manifest import EXPORT_CHAIN_DEPTH
 
@@ -155,8 +155,8 @@ def test_tuning_stores_one_of_the_candidate_trees(artifacts, quantized, tmp_path
     for name, source in (("fp32", artifacts["llama"]), ("int4", quantized["int4"].manifest.folder)):
         folder = edited_artifact(source, tmp_path / name, lambda raw: None)
         model = Model(folder, draft_device="cpu")
-        best = tune_tree(model, max_new_tokens=8)
-        assert Model(folder).manifest.tree == best
+        best, summary = tune_tree(model, max_new_tokens=8)
+        assert Model(folder).manifest.tree == best and summary["identical"] and summary["speedup"] > 0
         assert best in tuning_trees(model.manifest, best.step_ms)
         assert not best.step_ms or len(best.step_ms) == 16 and all(ms > 0 for ms in best.step_ms)
 
@@ -190,25 +190,29 @@ def test_check_against_transformers(artifacts, hf_dirs, tmp_path):
     assert "2/2 prompts identical" in result.stdout
 
 
-def cuda_usable(artifact) -> bool:
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
-    session = ort.InferenceSession(str(artifact / "drafter.onnx"), providers=["CUDAExecutionProvider"])
-    return session.get_providers()[0] == "CUDAExecutionProvider"
-
-
-def test_cuda_fallback_is_reported_never_silent(artifacts):
-    """onnxruntime-gpu runs on the CPU when no GPU is usable: `auto` says so, `cuda` refuses."""
-    if cuda_usable(artifacts["llama"]):
-        pytest.skip("a GPU is usable here")
+def test_without_a_gpu_auto_drafts_on_the_cpu_quietly_and_cuda_refuses(artifacts, monkeypatch):
+    """onnxruntime-gpu would run on the CPU where no GPU is usable: `auto` then drafts on the CPU and says nothing
+    (CUDA was not asked for), `cuda` refuses in one line."""
+    monkeypatch.setattr(sessions, "gpu_driver", lambda: False)
     args = ["generate", str(artifacts["llama"]), "--prompt", "hi", "--max-new-tokens", "4", "--json"]
     result = CliRunner().invoke(main, args + ["--draft-device", "auto"])
     assert result.exit_code == 0
     assert json.loads(result.stdout)["stats"]["draft_provider"] == "CPUExecutionProvider"
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        assert "drafter fell back to the CPU" in result.stderr
-    result = CliRunner().invoke(main, args + ["--draft-device", "cuda"])
-    assert result.exit_code == 1 and "asked for CUDA but ONNX Runtime runs it on the CPU" in result.stderr
+    assert "CUDA" not in result.stderr and "note:" not in result.stderr, result.stderr
+    fails(args + ["--draft-device", "cuda"], "asked for CUDA but")
+
+
+def test_a_gpu_whose_cuda_provider_does_not_start_is_reported_never_silent(artifacts, monkeypatch):
+    """A GPU driver is present but ONNX Runtime runs the session on the CPU (here: none is there at all)."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has no CUDA provider")
+    monkeypatch.setattr(sessions, "gpu_driver", lambda: True)
+    session, used = sessions.open_session(artifacts["llama"] / "drafter.onnx", "auto", 1, "drafter")
+    if used == "cuda":
+        pytest.skip("a GPU is usable here")
+    args = ["generate", str(artifacts["llama"]), "--prompt", "hi", "--max-new-tokens", "4"]
+    assert "note: drafter fell back to the CPU" in CliRunner().invoke(main, args).stderr
+    fails(args + ["--draft-device", "cuda"], "asked for CUDA but ONNX Runtime runs it on the CPU")
 
 
 def test_chat_turns_stream_the_replies_of_generate(artifacts, models):

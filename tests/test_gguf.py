@@ -132,13 +132,13 @@ def test_speculative_output_is_the_gguf_targets_own(gguf_model):
     assert_oracle_chain_exact(gguf_model, "gguf")
 
 
-def test_where_the_row_kernel_cannot_run_ort_computes_the_same_blocks(gguf_model, monkeypatch, capsys):
+def test_where_the_row_kernel_cannot_run_ort_computes_the_same_blocks(gguf_model, monkeypatch, caplog):
     """ORT's MatMulNBits takes float zero points too, by a far slower path, which the runtime says."""
     monkeypatch.setattr("dovetail_onnx.runtime.target.rows_library", lambda: (None, "no C++ compiler found"))
     model = Model(gguf_model.manifest.folder, draft_device="cpu", threads=1)
     assert model.target.graph.name == "target.onnx"
     assert "(no C++ compiler found); its blocks with zero points (Q4_1, Q4_K) take MatMulNBits' fp32 path" in \
-        capsys.readouterr().err
+        caplog.text
     assert_oracle_chain_exact(model, "gguf on MatMulNBits")
 
 
