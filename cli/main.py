@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from dovetail_onnx.cli.command import Command, Group
+from dovetail_onnx.cli.command import Command, Group, show_notes
 from dovetail_onnx.cli.options import DEPTH, MIN_PROB, SEED, TOP_K, TREE_TOKENS, FiniteFloat, Threads, read_text
 from dovetail_onnx.cli.serve import chat, serve
 from dovetail_onnx.cli.train import train
@@ -22,6 +22,7 @@ from dovetail_onnx.runtime.sessions import DEVICES
 @click.version_option(package_name="dovetail-onnx")
 def main() -> None:
     """Lossless speculative decoding: target LLM on the CPU, DGF drafter on the GPU, all in ONNX Runtime."""
+    show_notes()
 
 
 @main.command(cls=Command)
@@ -78,9 +79,11 @@ def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, m
 
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task("timing trees on this machine", total=len(TUNING_PROMPTS))
-            best = tune_tree(Model(output, threads=threads), progress=lambda: bar.advance(task))
-        click.echo(f"default tree for this machine: top_k {best.top_k}, depth {best.depth}, "
-                   f"{best.total_tokens} tokens", err=True)
+            best, summary = tune_tree(Model(output, threads=threads), progress=lambda: bar.advance(task))
+        click.echo(f"default tree for this machine: top_k {best.top_k}, depth {best.depth}, {best.total_tokens} tokens"
+                   f"{', sized by cost' if best.step_ms else ''}: {summary['speedup']}x target-only's "
+                   f"{summary['baseline_tokens_per_s']} tok/s, τ {summary['mean_accepted']} "
+                   f"({len(TUNING_PROMPTS)} prompts of our own)", err=True)
 
 
 @main.command(cls=Command)
@@ -182,8 +185,9 @@ def choice_list(choices: tuple[str, ...]):
 
 @main.command(cls=Command)
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--prompts", "prompt_file", type=click.Path(path_type=Path), required=True,
-              help="Spec-Bench JSONL (turns[0] is the user message; the chat template is applied).")
+@click.option("--prompts", "prompt_file", type=click.Path(path_type=Path),
+              help="Spec-Bench JSONL (turns[0] is the user message; the chat template is applied) [default: six "
+                   "prompts of our own, the ones export --tune runs].")
 @click.option("--n", type=click.IntRange(min=1), help="Use the first N prompts.")
 @click.option("--max-new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--top-k", callback=number_list(TOP_K), help="Tree top-k, or a comma list to sweep [default: the artifact's].")
@@ -214,10 +218,14 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, m
     from rich.table import Table
 
     from dovetail_onnx.runtime import Model
-    from dovetail_onnx.runtime.bench import Genai, by_category, load_prompts, profile, run_bench, step_costs, \
-        store_tree
+    from dovetail_onnx.runtime.bench import TUNING_PROMPTS, Genai, by_category, load_prompts, profile, run_bench, \
+        step_costs, store_tree
 
-    prompts, categories = load_prompts(prompt_file, n)
+    if prompt_file:
+        prompts, categories = load_prompts(prompt_file, n)
+    else:
+        prompts = TUNING_PROMPTS[:n]
+        categories = ["(none)"] * len(prompts)
     model = Model(artifact, draft_device=draft_device, threads=threads)
     genai = Genai(baseline_genai, threads) if baseline_genai else None
     d = model.manifest.tree
@@ -256,7 +264,8 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, m
     if as_json:
         click.echo(json.dumps({**info, **best, "runs": summaries, "per_prompt": [r.per_prompt for r in run.results]}))
         return
-    table = Table(title=f"{prompt_file.name}: {len(prompts)} prompts × {max_new_tokens} tokens, "
+    source = prompt_file.name if prompt_file else "our prompts"
+    table = Table(title=f"{source}: {len(prompts)} prompts × {max_new_tokens} tokens, "
                         f"{info['precision']} target ({info['target_graph']}), draft on {info['draft_provider']}")
     for column in ("top_k", "depth", "tree", "min p", "sizing", "τ", "copied", "tok/s", "baseline tok/s", "speedup",
                    "identical", "draft ms", "drafts", "verify ms", "host ms"):

@@ -279,12 +279,12 @@ def tuning_trees(manifest: Manifest, step_ms: tuple[float, ...]) -> list[TreeSet
     return fixed + [replace(fixed[-1], step_ms=step_ms)]
 
 
-def tune_tree(model: Model, max_new_tokens: int = 64, progress=lambda: None) -> TreeSettings:
+def tune_tree(model: Model, max_new_tokens: int = 64, progress=lambda: None) -> tuple[TreeSettings, dict]:
     """Measure this machine's step cost by tree size, run the candidate trees on TUNING_PROMPTS and store the
-    fastest as the artifact's default."""
+    fastest as the artifact's default; return it with its summary (speedup over target-only, τ)."""
     prompt = model.encode_prompt(TUNING_PROMPTS[0])
     step_ms = step_costs(model, prompt, len(prompt) + max_new_tokens // 2, 16)
     run = run_bench(model, TUNING_PROMPTS, max_new_tokens, tuning_trees(model.manifest, step_ms), progress=progress)
-    best = max(run.results, key=lambda r: r.speculative.tokens_per_s).tree
-    store_tree(model.manifest, best)
-    return best
+    best = max(run.results, key=lambda r: r.speculative.tokens_per_s)
+    store_tree(model.manifest, best.tree)
+    return best.tree, best.summary(run.baseline, len(TUNING_PROMPTS))

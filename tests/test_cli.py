@@ -77,6 +77,15 @@ def test_bench_reports_exact_outputs_and_sweeps(artifacts, tmp_path):
         assert key in out
 
 
+def test_bench_without_a_prompt_file_runs_our_own_prompts(artifacts):
+    """What `make demo` runs: the tuned default against target-only on the prompts export --tune uses."""
+    result = CliRunner().invoke(main, ["bench", str(artifacts["llama"]), "--n", "2", "--max-new-tokens", "6",
+                                       "--draft-device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["prompts"] == 2 and out["identical"] is True
+
+
 def test_bench_runs_onnxruntime_genai_side_by_side(artifacts, genai_dir, tmp_path):
     """Same graph family, same fp32 weights: genai's greedy tokens equal our target-only tokens."""
     prompts = tmp_path / "p.jsonl"
