@@ -13,8 +13,8 @@ from dovetail_onnx.cli.options import DEPTH, MIN_PROB, SEED, TOP_K, TREE_TOKENS,
 from dovetail_onnx.cli.serve import chat, serve
 from dovetail_onnx.cli.train import train
 from dovetail_onnx.runtime.errors import DovetailError
-from dovetail_onnx.runtime.manifest import BLOCK_SIZES, DEFAULT_BLOCK_SIZES, EXPORT_CHAIN_DEPTH, EXPORT_TREE, PRECISIONS, \
-    SIZINGS, TreeSettings
+from dovetail_onnx.runtime.manifest import BLOCK_SIZES, DEFAULT_BLOCK_SIZES, EXPORT_CHAIN_DEPTH, EXPORT_TREE, MAX_TOP_K, \
+    PRECISIONS, SIZINGS, TreeSettings
 from dovetail_onnx.runtime.sessions import DEVICES
 
 
@@ -23,6 +23,12 @@ from dovetail_onnx.runtime.sessions import DEVICES
 def main() -> None:
     """Lossless speculative decoding: target LLM on the CPU, DGF drafter on the GPU, all in ONNX Runtime."""
     show_notes()
+
+
+def default_name(target: str) -> str:
+    """A file's name without its suffix, a folder's name, an embedded name as it is (qwen2.5-coder-… keeps its dot)."""
+    path = Path(target)
+    return path.stem if path.is_file() else path.name
 
 
 @main.command(cls=Command)
@@ -34,7 +40,7 @@ def main() -> None:
                    "[default: the shipped drafter trained for TARGET].")
 @click.option("--drafter-layers", type=click.IntRange(1, 6), default=1, show_default=True,
               help="Layers of a random drafter.")
-@click.option("--top-k", type=TOP_K, default=EXPORT_TREE.top_k, show_default=True,
+@click.option("--top-k", type=click.IntRange(1, MAX_TOP_K), default=EXPORT_TREE.top_k, show_default=True,
               help="Default tree top-k stored in the artifact.")
 @click.option("--depth", type=DEPTH, default=None,
               help=f"Default tree depth [default: {EXPORT_TREE.depth}; {EXPORT_CHAIN_DEPTH} for a quantized target, "
@@ -64,7 +70,7 @@ def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, m
     from dovetail_onnx.export.artifact import export_artifact  # torch lives only on this path
     from dovetail_onnx.export.target import VERIFY
 
-    output = output or Path("artifacts") / Path(target).stem
+    output = output or Path("artifacts") / default_name(target)
     if depth is None:
         depth = EXPORT_CHAIN_DEPTH if VERIFY[precision] == "chain" else EXPORT_TREE.depth
     tree = TreeSettings(top_k, depth, tree_tokens, min_prob)

@@ -15,9 +15,9 @@ from dovetail_onnx.export.drafter_export import export_drafter, quantize_int8
 from dovetail_onnx.export.load import gguf_file, load_target
 from dovetail_onnx.export.target import export_target
 from dovetail_onnx.runtime.errors import DovetailError
-from dovetail_onnx.runtime.manifest import EXPORT_TREE, FORMAT_VERSION, MANIFEST, GraphSpec, TreeSettings, sha256_of
+from dovetail_onnx.runtime.manifest import EXPORT_TREE, FORMAT_VERSION, MANIFEST, MAX_TOP_K, GraphSpec, TreeSettings, \
+    sha256_of
 
-MAX_TOP_K = 16
 SHIPPED = Path(__file__).parent / "drafters"
 
 

@@ -29,6 +29,7 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZES = {"int8": 32, "int4": 128, "gguf": 32}  # gguf: most GGUF types' block (Q6_K's nodes: 16)
 # One verify forward's rows: the target's output buffers hold this many (see buffers.PREFILL_CHUNK).
 MAX_TREE_TOKENS = 128
+MAX_TOP_K = 16  # candidates per node an exported drafter returns (its in-graph top-k)
 SIZINGS = ("cost", "fixed")  # how a step's tree size is chosen (TreeSettings.step_ms)
 # Why a quantized target verifies chains: on ORT's attention, and on a kernel graph exported before its trees were
 # checked (no `kernel_verify`).

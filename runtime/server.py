@@ -65,7 +65,7 @@ class Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = 1.0
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**64)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # up to 4 strings, each of any length
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -294,6 +294,21 @@ def test_block_size_the_builder_does_not_take_is_refused_at_parse_time(hf_dirs, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_top_k_over_the_drafters_is_refused_at_parse_time(hf_dirs, tmp_path):
+    """The drafter graph returns 16 candidates a node: a larger default would make an artifact that cannot load."""
+    fails(["export", str(hf_dirs["llama"]), "-o", str(tmp_path / "out"), "--top-k", "17"], "--top-k", code=2)
+
+
+def test_the_default_folder_keeps_an_embedded_names_dots(tmp_path, monkeypatch):
+    from dovetail_onnx.cli.main import default_name
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.Q4_K_M.gguf").write_bytes(b"")
+    (tmp_path / "my.model").mkdir()
+    assert [default_name(t) for t in ("qwen2.5-coder-0.5b-instruct", "model.Q4_K_M.gguf", "my.model")] == \
+        ["qwen2.5-coder-0.5b-instruct", "model.Q4_K_M", "my.model"]
+
+
 def test_missing_target(tmp_path):
     fails(["export", str(tmp_path / "none"), "-o", str(tmp_path / "out")], "target not found")
 

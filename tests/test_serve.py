@@ -183,6 +183,7 @@ BAD = [
     ("top_p", {"top_p": 0, "messages": [{"role": "user", "content": "x"}]}, 400, "top-p"),
     ("five stop strings", {"stop": ["a", "b", "c", "d", "e"], "messages": [{"role": "user", "content": "x"}]}, 400,
      "stop"),
+    ("negative seed", {"seed": -1, "messages": [{"role": "user", "content": "x"}]}, 400, "seed"),
     ("max_tokens 0", {"max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
     ("oversize body", {"messages": [{"role": "user", "content": "x" * (MAX_BODY_BYTES + 1)}]}, 413, "request body"),
 ]
@@ -197,6 +198,8 @@ def test_bad_requests_get_an_openai_error_and_the_server_lives_on(url, case):
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
     assert message in error["message"] and set(error) == {"message", "type", "param", "code"}
+    if case[0] == "negative seed":
+        assert error["param"] == "seed"
     assert "\n" not in error["message"] and "Traceback" not in answer.text
     assert httpx.get(f"{url}/health").status_code == 200
 
