@@ -30,9 +30,12 @@ class BuildPyWithKernels(build_py):
             return
         build = kernel_build()
         compiler = build.find_compiler()
-        if not compiler:
-            raise SystemExit("error: building a wheel compiles dovetail's kernels: install g++ or set CXX")
+        if not compiler:  # a source install still works: the runtime compiles at first use, or keeps ORT's kernels
+            self.warn("no C++ compiler (g++, or CXX): this build carries no kernel library")
+            return
         library = Path(self.build_lib) / "dovetail_onnx" / "runtime" / "kernels" / build.library_name()
+        for old in library.parent.glob("libdovetail_rows-*.so"):  # an earlier build's, of other sources
+            old.unlink()
         if error := build.compile_library(compiler, library):
             raise SystemExit(f"error: compiling dovetail's kernels failed: {error}")
 
