@@ -15,7 +15,7 @@ import numpy as np
 MAX_NGRAM = 3
 # P(a copied token is the target's next one | the copied ones before it were), by the length of the suffix that
 # matched: (first copied token, each later one). Measured on SmolLM2-135M-Instruct's greedy answers to 856 training
-# prompts (its drafter's data; README, "Prompt lookup"); a longer match is a far better bet.
+# prompts (its drafter's data; docs/design.md, "Prompt lookup"); a longer match is a far better bet.
 PRIOR = {1: (0.11, 0.55), 2: (0.36, 0.65), 3: (0.65, 0.85)}
 PRIOR_WEIGHT = 4.0  # the prior counts as this many copies seen
 

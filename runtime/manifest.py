@@ -24,7 +24,7 @@ Precision = Literal["fp32", "int8", "int4", "gguf"]  # of the target's weights (
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 # Weights per scale of a quantized target (onnxruntime-genai's builder's choices; 32 is its default). int4 takes
 # 128: on the AVX-512 EPYC its speculative decoding ran 1.29x genai's int4 against 1.06x at 32, for 2.0 against
-# 2.4 greedy tokens matching fp32 (README, "Block size"); int8, the precision kept for quality, stays at 32.
+# 2.4 greedy tokens matching fp32 (docs/benchmarks.md, "Block size"); int8, the precision kept for quality, stays at 32.
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZES = {"int8": 32, "int4": 128, "gguf": 32}  # gguf: most GGUF types' block (Q6_K's nodes: 16)
 # One verify forward's rows: the target's output buffers hold this many (see buffers.PREFILL_CHUNK).
@@ -90,11 +90,11 @@ class TreeSettings:
 
 
 # What `export` stores unless told otherwise: Dovetail's tree, and the least path probability that paid
-# on a 2-core CPU drafting with the int8 drafter (README, "Drafting cost": 0.3-0.5 were best).
+# on a 2-core CPU drafting with the int8 drafter (docs/benchmarks.md, "min_prob": 0.3-0.5 were best).
 EXPORT_TREE = TreeSettings(min_prob=0.4)
 # A quantized target's stored default is a chain (top_k 1; it verifies trees only where dovetail's kernels run, and
-# with the drafter on the CPU chains paid as well: README), of this depth unless told otherwise. On the
-# AVX-512 EPYC (README) int4 SmolLM2 at block 128 runs an even number of rows, so a chain of 3 verifies in the
+# with the drafter on the CPU chains paid as well: docs/benchmarks.md), of this depth unless told otherwise. On the
+# AVX-512 EPYC (docs/benchmarks.md) int4 SmolLM2 at block 128 runs an even number of rows, so a chain of 3 verifies in the
 # 4 rows a chain of 2 pays for anyway: 1.53-1.57x target-only against 1.40-1.44x for chains of 1 and 2 (two runs).
 # At block 32 chains of 1, 2 and 3 had run within 3 % of one another, and a chain of 7 was slower. On the row kernel
 # (no padding) chains of 3 and 5 ran within 1.5 % of each other at int4 and 2 % at int8, chain 1 9-18 % slower.

@@ -1,4 +1,4 @@
-"""The README's serving figures: time to first token on a conversation's 3rd turn (caches reused vs cold), server
+"""The serving figures of docs/benchmarks.md: time to first token on a conversation's 3rd turn (caches reused vs cold), server
 tok/s vs generate's on the same prompts, and a bounded load run against `dovetail-onnx serve`.
 
     python scripts/serve_figures.py artifacts/smollm2-135m-instruct ../shared/data/alpaca.jsonl --threads 2
