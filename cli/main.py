@@ -36,8 +36,9 @@ def default_name(target: str) -> str:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Artifact folder [default: artifacts/<target name>].")
 @click.option("--drafter", default=None,
-              help="Drafter folder (config.json + model.safetensors), a Dovetail/EAGLE pytorch_model.bin, or 'random' "
-                   "[default: the shipped drafter trained for TARGET].")
+              help="Drafter folder (config.json + model.safetensors), a Dovetail/EAGLE pytorch_model.bin, 'random', or "
+                   "'lookup' (no drafter: prompt lookup drafts alone) [default: the shipped drafter trained for "
+                   "TARGET, else 'lookup'].")
 @click.option("--drafter-layers", type=click.IntRange(1, 6), default=1, show_default=True,
               help="Layers of a random drafter.")
 @click.option("--top-k", type=click.IntRange(1, MAX_TOP_K), default=EXPORT_TREE.top_k, show_default=True,
@@ -67,15 +68,17 @@ def default_name(target: str) -> str:
 def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, min_prob, draft_vocab, cpu_drafter,
            precision, block_size, tune, threads):
     """Export TARGET (a Hugging Face folder or a .gguf file) and a drafter to ONNX."""
-    from dovetail_onnx.export.artifact import export_artifact  # torch lives only on this path
+    from dovetail_onnx.export.artifact import LOOKUP_DEPTH, export_artifact  # torch lives only on this path
     from dovetail_onnx.export.target import VERIFY
 
     output = output or Path("artifacts") / default_name(target)
+    given = depth is not None
     if depth is None:
         depth = EXPORT_CHAIN_DEPTH if VERIFY[precision] == "chain" else EXPORT_TREE.depth
     tree = TreeSettings(top_k, depth, tree_tokens, min_prob)
     export_artifact(target, output, drafter, drafter_layers, tree, draft_vocab, cpu_drafter, precision,
-                    block_size=int(block_size) if block_size else None)
+                    block_size=int(block_size) if block_size else None,
+                    lookup_depth=depth if given else LOOKUP_DEPTH)
     if tune:
         from rich.console import Console
         from rich.progress import Progress
@@ -149,8 +152,8 @@ def generate(artifact, prompt, prompt_file, max_new_tokens, raw, special_tokens,
         piece = stream.push(new)
         if not as_json:
             click.echo(piece, nl=False)
-    stats = {**generator.stats.as_dict(), "draft_provider": model.drafter.session.get_providers()[0],
-             "draft_graph": model.drafter.graph, "target_provider": model.target.session.get_providers()[0],
+    stats = {**generator.stats.as_dict(), "draft_provider": model.draft_provider,
+             "draft_graph": model.draft_graph, "target_provider": model.target.session.get_providers()[0],
              "mode": mode}
     if as_json:
         click.echo(json.dumps({"text": model.tokenizer.decode(generator.tokens), "token_ids": generator.tokens,
@@ -251,7 +254,7 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, m
     best = max(summaries, key=lambda s: s["speedup"])
     info = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "precision": model.manifest.target.precision,
             "step_ms": step_ms,
-            "draft_provider": model.drafter.session.get_providers()[0], "draft_graph": model.drafter.graph,
+            "draft_provider": model.draft_provider, "draft_graph": model.draft_graph,
             "target_provider": model.target.session.get_providers()[0], "target_graph": model.target.graph.name}
     if run.genai:
         genai_speed = run.genai.tokens_per_s

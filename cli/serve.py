@@ -39,7 +39,7 @@ def serve(artifact, host, port, max_queue, api_key, draft_device, threads):
         raise DovetailError("serve needs FastAPI and uvicorn: pip install 'dovetail-onnx[serve]'") from None
     model = Model(artifact, draft_device=draft_device, threads=threads)
     name = model.manifest.folder.resolve().name
-    click.echo(f"serving {name} on http://{host}:{port}/v1 (draft on {model.drafter.session.get_providers()[0]})",
+    click.echo(f"serving {name} on http://{host}:{port}/v1 (draft on {model.draft_provider})",
                err=True)
     uvicorn.run(create_app(model, name, max_queue, api_key), host=host, port=port, log_level="info")
 
@@ -109,4 +109,4 @@ def reply(model: Model, messages: list[dict], max_new_tokens: int, sampling: Sam
 def describe(stats: Stats, model: Model) -> str:
     return (f"{stats.new_tokens} tokens, time to first token {stats.prefill_s * 1000:.0f} ms "
             f"({stats.cached_tokens} prompt tokens reused from the last turn), {stats.mean_accepted:.2f} tokens per "
-            f"target forward, {stats.tokens_per_s:.1f} tok/s, draft on {model.drafter.session.get_providers()[0]}")
+            f"target forward, {stats.tokens_per_s:.1f} tok/s, draft on {model.draft_provider}")

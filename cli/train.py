@@ -64,9 +64,11 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Torch threads, and the --teacher graph's [default: each library's choice].")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the drafter trains: auto takes a CUDA GPU where PyTorch sees one, else the CPU.")
 def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unroll, ce_weight, regression_weight,
           init_from, teacher, distill_prompts, distill_skip, mix, max_new_tokens,
-          text_tokens, seq_len, weights, draft_vocab, cache, resume, cached_answers, data_only, threads, seed):
+          text_tokens, seq_len, weights, draft_vocab, cache, resume, cached_answers, data_only, threads, seed, device):
     """Train a drafter for TARGET (a Hugging Face folder or a .gguf file) on the target's own outputs."""
     # Every batch has a new shape, and oneDNN caches compiled kernels per shape (1,024 by default): on
     # SmolLM2 the process grew past 13 GB in 200 steps at 795 tokens/s; with 64 it stayed under 8.2 GB at 1,320.
@@ -77,8 +79,9 @@ def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unro
     from dovetail_onnx.export.drafter import load_drafter, save_drafter
     from dovetail_onnx.export.load import load_target
     from dovetail_onnx.export.teacher import ArtifactTeacher
-    from dovetail_onnx.export.train import TrainSettings, metrics_json, train_drafter
+    from dovetail_onnx.export.train import TrainSettings, metrics_json, train_device, train_drafter
 
+    device = train_device(device)  # refused before the data step, not after it
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -93,7 +96,8 @@ def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unro
         return
 
     settings = TrainSettings(fusion=fusion, layers=layers, steps=steps, minutes=minutes, batch_tokens=batch_tokens,
-                             lr=lr, unroll=unroll, ce_weight=ce_weight, regression_weight=regression_weight, seed=seed)
+                             lr=lr, unroll=unroll, ce_weight=ce_weight, regression_weight=regression_weight, seed=seed,
+                             device=device)
     init = load_drafter(init_from, model, tokenizer) if init_from else None
     checkpoint = Path(cache) / "checkpoints" / f"{Path(output).resolve().name}-{fusion}-{layers}.pt"
     drafter, metrics = train_drafter(model, tokenizer, sequences, settings, checkpoint, resume, init=init)

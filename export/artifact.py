@@ -19,6 +19,8 @@ from dovetail_onnx.runtime.manifest import EXPORT_TREE, FORMAT_VERSION, MANIFEST
     sha256_of
 
 SHIPPED = Path(__file__).parent / "drafters"
+# The copied chain an artifact without a drafter verifies by default (export --tune measures others).
+LOOKUP_DEPTH = 4
 
 
 def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -30,19 +32,19 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[
     return sorted(found)
 
 
-def build_manifest(model, tokenizer, target: GraphSpec, drafter: Drafter, tree: TreeSettings, draft_vocab: int,
-                   cpu_drafter: bool, folder: Path) -> dict:
-    c, d = model.config, drafter.config
-    graphs = ["target.onnx", "drafter.onnx"] + (["drafter.int8.onnx"] if cpu_drafter else [])
+def build_manifest(model, tokenizer, target: GraphSpec, drafter: Drafter | None, tree: TreeSettings,
+                   draft_vocab: int, cpu_drafter: bool, folder: Path) -> dict:
+    c, d = model.config, drafter and drafter.config
+    graphs = ["target.onnx"] + (["drafter.onnx"] + (["drafter.int8.onnx"] if cpu_drafter else [])) * bool(drafter)
     files = [f for g in graphs for f in (g, g + ".data")] + [f for f in [target.kernel_file] if f] + ["tokenizer.json"]
     return {
         "format_version": FORMAT_VERSION,
         "target": target.model_dump(exclude_none=True),
-        "drafter": {"file": "drafter.onnx", "num_layers": d.num_layers, "kv_heads": d.num_key_value_heads,
-                    "kv_width": d.num_key_value_heads * d.head_dim, "hidden_size": d.hidden_size,
-                    "vocab_size": d.vocab_size, "cpu_file": "drafter.int8.onnx" if cpu_drafter else None},
+        "drafter": d and {"file": "drafter.onnx", "num_layers": d.num_layers, "kv_heads": d.num_key_value_heads,
+                          "kv_width": d.num_key_value_heads * d.head_dim, "hidden_size": d.hidden_size,
+                          "vocab_size": d.vocab_size, "cpu_file": "drafter.int8.onnx" if cpu_drafter else None},
         "max_top_k": MAX_TOP_K,
-        "fusion": d.fusion,
+        "fusion": d and d.fusion,
         "draft_vocab_size": draft_vocab or c.vocab_size,
         "architecture": type(model).__name__,
         "eos_token_ids": eos_ids(model, tokenizer),
@@ -50,7 +52,7 @@ def build_manifest(model, tokenizer, target: GraphSpec, drafter: Drafter, tree: 
         "chat_template": tokenizer.chat_template,
         "context_length": c.max_position_embeddings,
         "tree": asdict(tree),
-        "drafter_target": d.target,
+        "drafter_target": d and d.target,
         "source": target_source(model, tokenizer),
         "sha256": {name: sha256_of(folder / name) for name in files},
     }
@@ -59,13 +61,14 @@ def build_manifest(model, tokenizer, target: GraphSpec, drafter: Drafter, tree: 
 def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_layers: int = 1,
                     tree: TreeSettings = EXPORT_TREE, draft_vocab: int | None = None,
                     cpu_drafter: bool = True, precision: str = "fp32", console: Console | None = None,
-                    block_size: int | None = None) -> dict:
+                    block_size: int | None = None, lookup_depth: int = LOOKUP_DEPTH) -> dict:
     """Write target.onnx, drafter.onnx (+ drafter.int8.onnx), tokenizer files and dovetail.json into `out`.
 
-    `draft_vocab`: tokens the drafter's head scores (0: all; None: the drafter's own setting).
+    `drafter`: a drafter folder or file, 'random', 'lookup' (none: prompt lookup drafts alone), or None (the shipped
+    drafter trained for this target; prompt lookup alone where none is). `draft_vocab`: tokens the drafter's head scores (0: all; None: the drafter's own setting).
     `cpu_drafter`: also write the int8 drafter the runtime uses when the drafter runs on a CPU.
     `precision`: the target's weights, fp32, int8, int4 or gguf (see export/target.py); `block_size`: an int8 or
-    int4 target's weights per scale.
+    int4 target's weights per scale. `lookup_depth`: the default chain when prompt lookup drafts alone.
     """
     if block_size is not None and precision in ("fp32", "gguf"):
         fix = {"fp32": "add --precision int8 or int4, or drop it", "gguf": "gguf keeps the file's blocks; drop it"}
@@ -84,14 +87,18 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
             (out / MANIFEST).unlink(missing_ok=True)
             status.update(f"building target.onnx ({precision}) and checking it")
             target_graph = export_target(model, tokenizer, out / "target.onnx", precision, block_size, gguf)
-            if target_graph.verify == "chain":
-                tree = replace(tree, top_k=1, total_tokens=min(tree.total_tokens, tree.depth + 1))
-            status.update("exporting drafter.onnx")
-            draft_vocab = draft.config.draft_vocab_size if draft_vocab is None else draft_vocab
-            export_drafter(draft, out / "drafter.onnx", MAX_TOP_K, draft_vocab)
-            if cpu_drafter:
-                status.update("quantizing the CPU drafter (int8)")
-                quantize_int8(out / "drafter.onnx", out / "drafter.int8.onnx")
+            if target_graph.verify == "chain" or not draft:  # a copied draft is a chain
+                depth = tree.depth if draft else lookup_depth
+                tree = replace(tree, top_k=1, depth=depth, total_tokens=min(tree.total_tokens, depth + 1))
+            for stale in ("drafter.onnx", "drafter.onnx.data", "drafter.int8.onnx", "drafter.int8.onnx.data"):
+                (out / stale).unlink(missing_ok=True)
+            if draft:
+                status.update("exporting drafter.onnx")
+                draft_vocab = draft.config.draft_vocab_size if draft_vocab is None else draft_vocab
+                export_drafter(draft, out / "drafter.onnx", MAX_TOP_K, draft_vocab)
+                if cpu_drafter:
+                    status.update("quantizing the CPU drafter (int8)")
+                    quantize_int8(out / "drafter.onnx", out / "drafter.int8.onnx")
             status.update("writing tokenizer and manifest")
             tokenizer.save_pretrained(out)
             manifest = build_manifest(model, tokenizer, target_graph, draft, tree, draft_vocab, cpu_drafter, out)
@@ -102,29 +109,33 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
     return manifest
 
 
-def shipped_drafter(model, tokenizer, precision: str = "fp32") -> Path:
+def shipped_drafter(model, tokenizer, precision: str = "fp32") -> Path | None:
     """The drafter shipped in this package that was trained for this very target: the one distilled from a target
-    of this precision if there is one, else the one distilled from fp32."""
+    of this precision if there is one, else the one distilled from fp32; None when none was."""
     fingerprint = target_fingerprint(model, tokenizer)
     made = {}
     for config in sorted(SHIPPED.glob("*/config.json")):
         raw = json.loads(config.read_text())
         if raw.get("target") == fingerprint:
             made.setdefault(raw.get("teacher_precision", "fp32"), config.parent)
-    if found := made.get(precision) or made.get("fp32"):
-        return found
-    raise DovetailError(
-        f"no shipped drafter matches this target ({fingerprint['architecture']}, hidden {fingerprint['hidden_size']}, "
-        f"vocab {fingerprint['vocab_size']}); train one with `dovetail-onnx train TARGET -o DIR` and pass "
-        "--drafter DIR (or --drafter random for a smoke run)"
-    )
+    return made.get(precision) or made.get("fp32")
 
 
-def make_drafter(spec: str | None, layers: int, model, tokenizer, console: Console, precision: str = "fp32") -> Drafter:
-    if spec is None:
-        folder = shipped_drafter(model, tokenizer, precision)
+def make_drafter(spec: str | None, layers: int, model, tokenizer, console: Console,
+                 precision: str = "fp32") -> Drafter | None:
+    """The drafter to export, or None to draft by prompt lookup alone."""
+    if spec is None and (folder := shipped_drafter(model, tokenizer, precision)):
         console.print(f"drafter: shipped {folder.name}")
         return load_drafter(folder, model, tokenizer)
+    if spec is None:
+        console.print("drafter: none trained for this target, so it drafts by prompt lookup (copies from the prompt "
+                      "and the text so far); for a trained drafter run `dovetail-onnx train TARGET -o DIR` and export "
+                      "with --drafter DIR", soft_wrap=True)
+        return None
+    if spec == "lookup":
+        console.print("drafter: none, it drafts by prompt lookup (copies from the prompt and the text so far)",
+                      soft_wrap=True)
+        return None
     if spec == "random":
         console.print(f"[yellow]warning:[/] untrained drafter ({layers} layers): output stays exact, but almost "
                       "no draft token is accepted; use it for tests and smoke runs only")

@@ -22,9 +22,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from dovetail_onnx.runtime.errors import DovetailError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
-
-
+# Decoder-only models whose onnxruntime-genai builder graph fits the target contract, each tested on a tiny random
+# config against transformers' greedy decoding (tests/test_architectures.py).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+                           "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM")
 
 @dataclass(frozen=True)
 class Embedded:

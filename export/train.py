@@ -64,6 +64,30 @@ class TrainSettings:
     checkpoint_every: int = 50
     eval_tokens: int = 4096  # held-out tokens used by the periodic evaluation (the final one uses all)
     seed: int = 0
+    device: str = "cpu"  # where the drafter trains: "cpu" or "cuda" (train_device resolves the CLI's choice)
+
+    @property
+    def autocast(self) -> torch.autocast:
+        """bf16 matmuls where the device computes them natively (see `bf16`; on CUDA, Ampere and newer)."""
+        if self.device == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_bf16_supported())
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def train_device(choice: str) -> str:
+    """`auto`: CUDA where PyTorch sees a GPU (Dovetail trains its drafters on one), else the CPU; `cuda` without
+    one is refused in one line."""
+    if choice not in DEVICES:
+        raise DovetailError(f"unknown training device {choice!r}; use one of {', '.join(DEVICES)}")
+    usable = torch.cuda.is_available()
+    if choice == "cuda" and not usable:
+        build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise DovetailError(f"--device cuda, but PyTorch ({torch.__version__}, {build}) sees no CUDA GPU; install a "
+                            "CUDA build of torch on a machine with an NVIDIA GPU, or train with --device cpu")
+    return "cuda" if choice == "cuda" or choice == "auto" and usable else "cpu"
 
 
 @dataclass
@@ -72,6 +96,9 @@ class Batch:
     features: torch.Tensor  # [B, T+1, H] float32
     valid: torch.Tensor  # [B, T] bool: position i predicts the feature of ids[i+1]
     answer: torch.Tensor  # [B, T] bool: positions whose target token is a self-distilled answer token
+
+    def to(self, device: str) -> Batch:
+        return Batch(self.ids.to(device), self.features.to(device), self.valid.to(device), self.answer.to(device))
 
 
 @dataclass
@@ -131,10 +158,10 @@ def eval_batches(sequences: list[Sequence], batch_tokens: int, limit: int | None
 # ---------------------------------------------------------------- model passes
 
 
-def empty_past(drafter: Drafter, batch: int) -> list[torch.Tensor]:
+def empty_past(drafter: Drafter, batch: int, device: torch.device) -> list[torch.Tensor]:
     c = drafter.config
     width = c.num_key_value_heads * c.head_dim
-    return [torch.zeros(batch, 0, width) for _ in range(2 * c.num_layers)]
+    return [torch.zeros(batch, 0, width, device=device) for _ in range(2 * c.num_layers)]
 
 
 def unrolled_mask(seq: int, depth: int = 1) -> torch.Tensor:
@@ -158,12 +185,13 @@ def predict(drafter: Drafter, batch: Batch, unroll: int, noise: float) -> list[t
     """Predicted next features for each unrolled pass, each [B, T, H]."""
     inputs, ids = add_noise(batch.features[:, :-1], noise), batch.ids[:, 1:]
     size, seq = ids.shape
-    positions = torch.arange(seq).expand(size, seq)
-    first, *past = drafter(inputs, ids, positions, causal_mask(seq), *empty_past(drafter, size))
+    device = ids.device
+    positions = torch.arange(seq, device=device).expand(size, seq)
+    first, *past = drafter(inputs, ids, positions, causal_mask(seq).to(device), *empty_past(drafter, size, device))
     preds = [first]
     for depth in range(1, unroll):
         fed = torch.cat((inputs[:, :1], preds[-1][:, :-1].detach()), dim=1)
-        pred, *new = drafter(fed, ids, positions, unrolled_mask(seq, depth), *past)
+        pred, *new = drafter(fed, ids, positions, unrolled_mask(seq, depth).to(device), *past)
         preds.append(pred)
         past = [torch.cat((old, added), dim=1) for old, added in zip(past, new)]
     return preds
@@ -230,9 +258,12 @@ def evaluate(drafter: Drafter, batches: list[Batch], settings: TrainSettings) ->
     drafter.eval()
     loss, answer, overall = 0.0, torch.zeros(4), torch.zeros(4)
     for batch in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+        batch = batch.to(settings.device)
+        with settings.autocast:
             batch_loss, hits = losses(drafter, predict(drafter, batch, max(settings.unroll, 2), 0.0), batch, settings,
                                       chunk_rows=EVAL_CHUNK_ROWS)
+        hits = [h.cpu() for h in hits]
+        batch = batch.to("cpu")
         answer += torch.tensor(hit_counts(hits, batch, answers_only=True))
         overall += torch.tensor(hit_counts(hits, batch, answers_only=False))
         loss += batch_loss.item() * int(batch.valid.sum())
@@ -305,6 +336,8 @@ def train_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
                                 f"and --layers {init.config.num_layers} or more (added layers start as the identity)")
         deepen(drafter, init)
     drafter.attach_target(target).train()
+    # The drafter shares the target's embeddings and head, which move with it (and back, below).
+    drafter.to(settings.device)
     # Tokens the target emits (answers and text), most frequent first: the draft vocabulary. An --init drafter keeps
     # its own, ranked on all the data it learned from: a fresh slice of the stream is too small to re-rank by.
     drafter.token_ranking = init.token_ranking.clone() if init is not None else rank_tokens(
@@ -326,10 +359,10 @@ def train_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
             break
         rng = random.Random(settings.seed * 1_000_003 + step)  # batch depends on the step only: resumable
         torch.manual_seed(settings.seed * 1_000_003 + step)
-        batch = sample_batch(train, settings.batch_tokens, rng)
+        batch = sample_batch(train, settings.batch_tokens, rng).to(settings.device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+        with settings.autocast:
             preds = predict(drafter, batch, settings.unroll, settings.noise)
             loss, hits = losses(drafter, preds, batch, settings, head)
         optimizer.zero_grad(set_to_none=True)
@@ -338,7 +371,7 @@ def train_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
         optimizer.step()
         step += 1
         seen += int(batch.valid.sum())
-        first, counted, _, _ = hit_counts(hits, batch, answers_only=False)
+        first, counted = int(hits[0].sum()), int(batch.valid.sum())
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{first / max(counted, 1):.3f}",
                         tok_s=f"{seen / (time.perf_counter() - started):.0f}")
@@ -350,7 +383,9 @@ def train_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
     if checkpoint is not None:
         save_checkpoint(checkpoint, drafter, optimizer, step, settings)
     metrics = evaluate(drafter, eval_batches(heldout, settings.batch_tokens), settings)
-    metrics.extra |= {"steps": step, "train_seconds": round(time.perf_counter() - started, 1)}
+    metrics.extra |= {"steps": step, "train_seconds": round(time.perf_counter() - started, 1),
+                      "device": settings.device}
+    drafter.to("cpu")
     return drafter, metrics
 
 

@@ -229,9 +229,8 @@ def profile(model: Model, prompt: list[int], contexts: list[int], rows: tuple[in
                         times[seq].append(time.perf_counter() - started)
         by_rows[past] = {seq: round(1000 * float(np.median(t)), 2) for seq, t in times.items()}
     target.kv.length = 0
-    forwards = model.drafter.forwards
     _, stats = generate(model, prompt, GeneratorParams(64, tree=replace(model.manifest.tree, step_ms=())))
-    draft_ms = 1000 * stats.draft_s / max(model.drafter.forwards - forwards, 1)
+    draft_ms = 1000 * stats.draft_s / max(stats.draft_forwards, 1)
     steps = max(stats.target_forwards, 1)
     return {"target_ms": by_rows, "drafter_ms_per_forward": round(draft_ms, 2),
             "draft_and_host_ms_per_step": round(1000 * (stats.decode_s - stats.verify_s) / steps, 2)}
@@ -268,10 +267,13 @@ TUNING_PROMPTS = [
 
 
 def tuning_trees(manifest: Manifest, step_ms: tuple[float, ...]) -> list[TreeSettings]:
-    """Candidate trees around what pays on CPUs: sizes for tree-verifying targets, chain depths for the others,
-    each fixed and each sized step by step from `step_ms`. The stored default must run on either target graph, so
-    a target that verifies chains on ONNX Runtime's kernels is tuned as one."""
+    """Candidate trees around what pays on CPUs: sizes for tree-verifying targets, chain depths for the others and
+    for prompt lookup alone, each fixed and (with a drafter) each sized step by step from `step_ms`. The stored
+    default must run on either target graph, so a target that verifies chains on ONNX Runtime's kernels is tuned
+    as one."""
     d = manifest.tree
+    if not manifest.drafter:  # a copied chain is proposed whole: no sizing, and a longer copy costs no drafting
+        return [TreeSettings(1, depth, depth + 1, d.min_prob) for depth in (1, 2, 4, 6, 8)]
     if manifest.target.verify == "chain":
         fixed = [TreeSettings(1, depth, depth + 1, d.min_prob) for depth in (1, 2, 3, 4)]
     else:
@@ -283,7 +285,7 @@ def tune_tree(model: Model, max_new_tokens: int = 64, progress=lambda: None) -> 
     """Measure this machine's step cost by tree size, run the candidate trees on TUNING_PROMPTS and store the
     fastest as the artifact's default; return it with its summary (speedup over target-only, τ)."""
     prompt = model.encode_prompt(TUNING_PROMPTS[0])
-    step_ms = step_costs(model, prompt, len(prompt) + max_new_tokens // 2, 16)
+    step_ms = step_costs(model, prompt, len(prompt) + max_new_tokens // 2, 16) if model.drafter else ()
     run = run_bench(model, TUNING_PROMPTS, max_new_tokens, tuning_trees(model.manifest, step_ms), progress=progress)
     best = max(run.results, key=lambda r: r.speculative.tokens_per_s)
     store_tree(model.manifest, best.tree)

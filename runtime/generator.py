@@ -33,7 +33,8 @@ MODES = ("speculative", "target-only")
 
 
 class Model:
-    """An exported artifact: manifest, tokenizer, target session (CPU) and drafter session."""
+    """An exported artifact: manifest, tokenizer, target session (CPU) and drafter session (None where the artifact
+    has no trained drafter and drafts by prompt lookup alone)."""
 
     def __init__(self, folder: str | Path, draft_device: str = "auto", threads: int | None = None,
                  draft_threads: int | None = None, verify_checksums: bool = True):
@@ -44,11 +45,20 @@ class Model:
         self.manifest = load_manifest(folder, verify=verify_checksums)
         self.tokenizer = Tokenizer(self.manifest.folder, self.manifest.chat_template, self.manifest.special_tokens)
         self.target = Target(self.manifest.folder / self.manifest.target.file, self.manifest.target, threads)
-        self.drafter = Drafter(self.manifest, draft_device, draft_threads or threads)
+        self.drafter = Drafter(self.manifest, draft_device, draft_threads or threads) if self.manifest.drafter else None
         # Token ids of the last generation (prompt + every token its loop produced); the caches' rows are K/V of a
         # prefix of these.
         self.history: list[int] = []
         self.lock = threading.Lock()
+
+    @property
+    def draft_provider(self) -> str:
+        """Where drafting runs: the drafter session's execution provider, or prompt lookup (no model at all)."""
+        return self.drafter.session.get_providers()[0] if self.drafter else "prompt lookup"
+
+    @property
+    def draft_graph(self) -> str | None:
+        return self.drafter.graph if self.drafter else None
 
     def encode_prompt(self, text: str, raw: bool = False, special: bool = False) -> list[int]:
         """`raw`: the text as is (its special-token strings are control tokens: it is the user's own template);
@@ -74,6 +84,9 @@ class GeneratorParams:
         if self.mode not in MODES:
             raise DovetailError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
         self.sampling.check(model.manifest.target.vocab_size)
+        if self.mode == "speculative" and not self.lookup and not model.drafter:
+            raise DovetailError("--no-lookup leaves nothing to draft with: this artifact has no trained drafter and "
+                                "drafts by prompt lookup; drop --no-lookup, or use --mode target-only")
         target = model.target
         if problem := self.tree.problem(model.manifest.max_top_k) or self.tree.chain_problem(target.verify,
                                                                                              target.chains_why):
@@ -230,9 +243,11 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     capacity = len(prompt) + params.max_new_tokens + tree_settings.total_tokens
     # A seed's draws follow the drafter's trees, and the int8 drafter's rows depend on the rows computed in the same
     # call: kept rows could change the draws, so sampling starts cold and a seed always repeats its output.
-    keep = _reusable(model, prompt, [target.cached, drafter.cached]) if sampling.greedy else 0
+    caches = [target.cached, drafter.cached] if drafter else [target.cached]
+    keep = _reusable(model, prompt, caches) if sampling.greedy else 0
     target.start(capacity, tree_settings.total_tokens, keep)
-    drafter.start(capacity, tree_settings, keep)
+    if drafter:
+        drafter.start(capacity, tree_settings, keep)
     model.history = prompt.tolist()
     stats.cached_tokens = keep
 
@@ -243,16 +258,18 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     # The drafter reads (target feature of token i, token i+1): the prompt shifted by one.
     next_tokens = np.append(prompt[keep + 1 :], token)
     # Prompt lookup: a chain copied from the text so far, no deeper than the tree, competes with the drafter's
-    # candidates for the tree's places by its odds of acceptance (in chain mode it is the whole chain).
-    chains = model.target.verify == "chain"
+    # candidates for the tree's places by its odds of acceptance (in chain mode, or with no drafter, it is the whole
+    # draft).
+    chains = model.target.verify == "chain" or not drafter
     copier = Copier(min(tree_settings.total_tokens - 1, tree_settings.depth)) if params.lookup else None
     while True:
-        t0, drafted = time.perf_counter(), drafter.forwards
+        t0, drafted = time.perf_counter(), drafter.forwards if drafter else 0
         copied = copier.propose(np.asarray(model.history)) if copier else None
-        if chains and copied is not None and len(copied[0]):
-            # The copy is the whole chain: the drafter reads these accepted tokens later, with the next ones.
+        if chains and copied is not None and len(copied[0]) or not drafter:
+            # The copy is the whole chain (with no copy and no drafter, the step verifies its root alone): the
+            # drafter reads these accepted tokens later, with the next ones.
             tree, first_copied = Tree(next_tokens[-1:], np.array([-1])).graft(copied[0])
-            pending = (features, next_tokens)
+            pending = (features, next_tokens) if drafter else None
         else:
             tree, first_copied = drafter.propose(features, next_tokens, tree_settings.total_tokens, copied)
             pending = None
@@ -271,7 +288,7 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
         if pending:
             features, next_tokens = np.concatenate((pending[0], features)), np.concatenate((pending[1], emitted))
         stats.draft_s += t1 - t0
-        stats.draft_forwards += drafter.forwards - drafted
+        stats.draft_forwards += drafter.forwards - drafted if drafter else 0
         stats.verify_s += t2 - t1
         stats.target_forwards += 1
         stats.accepted.append(len(path))
@@ -287,7 +304,8 @@ def _target_only(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     rng = np.random.default_rng(sampling.seed)
     keep = _reusable(model, prompt, [target.cached])
     target.start(len(prompt) + params.max_new_tokens, 1, keep)
-    model.drafter.forget()
+    if model.drafter:
+        model.drafter.forget()
     model.history = prompt.tolist()
     stats.cached_tokens = keep
     logits, _ = target.prefill(prompt[keep:])

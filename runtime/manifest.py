@@ -148,9 +148,9 @@ class Manifest(BaseModel):
     folder: Path = Path()  # not in the file: set to where it was read from
     format_version: Literal[2]
     target: GraphSpec
-    drafter: GraphSpec
+    drafter: GraphSpec | None  # null: no trained drafter for this target, it drafts by prompt lookup only
     max_top_k: Annotated[StrictInt, Field(ge=1, le=1024)]
-    fusion: Literal["dgf", "eagle"]
+    fusion: Literal["dgf", "eagle"] | None
     eos_token_ids: Annotated[tuple[Annotated[StrictInt, Field(ge=0)], ...], Field(min_length=1)]
     special_tokens: dict[StrictStr, StrictStr] = {}
     chat_template: StrictStr | None = None
@@ -163,7 +163,8 @@ class Manifest(BaseModel):
     def _consistent(self) -> Manifest:
         if problem := self.tree.problem(self.max_top_k) or self.tree.chain_problem(self.target.verify):
             raise ValueError(f"field 'tree': {problem.replace('--', '').replace('-', '_')}")
-        if self.drafter.hidden_size != self.target.hidden_size or self.drafter.vocab_size != self.target.vocab_size:
+        if self.drafter and (self.drafter.hidden_size != self.target.hidden_size
+                             or self.drafter.vocab_size != self.target.vocab_size):
             raise ValueError(
                 f"the drafter (hidden {self.drafter.hidden_size}, vocabulary {self.drafter.vocab_size}) was not made "
                 f"for this target (hidden {self.target.hidden_size}, vocabulary {self.target.vocab_size}); export "
@@ -177,7 +178,13 @@ class Manifest(BaseModel):
 
     @property
     def graph_files(self) -> list[str]:
-        return [f for f in (self.target.file, self.target.kernel_file, self.drafter.file, self.drafter.cpu_file) if f]
+        drafter = (self.drafter.file, self.drafter.cpu_file) if self.drafter else ()
+        return [f for f in (self.target.file, self.target.kernel_file, *drafter) if f]
+
+    @property
+    def drafts_with(self) -> str:
+        """What proposes the draft tokens: a trained drafter, or prompt lookup alone."""
+        return "drafter" if self.drafter else "lookup"
 
 
 def sha256_of(path: Path) -> str:

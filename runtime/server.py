@@ -158,7 +158,7 @@ class Job:
             tokens, params = generator.tokens, generator.params
             eos = bool(tokens) and params.stop_at_eos and tokens[-1] in params.eos_token_ids
             stats = {**generator.stats.as_dict(), "target_provider": model.target.session.get_providers()[0],
-                     "draft_provider": model.drafter.session.get_providers()[0], "mode": params.mode}
+                     "draft_provider": model.draft_provider, "mode": params.mode}
             self.send("done", Result("stop" if text.stopped or eos else "length", len(self.prompt), len(tokens), stats))
         except Exception as exc:  # one line to the client; the server goes on
             self.send("error", f"generation failed: {type(exc).__name__}: {exc}")

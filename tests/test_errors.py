@@ -326,10 +326,6 @@ def test_drafter_for_another_target(change, hf_dirs, tmp_path):
           "was made for another target")
 
 
-def test_no_shipped_drafter_for_this_target(hf_dirs, tmp_path):
-    fails(["export", str(hf_dirs["qwen2"]), "-o", str(tmp_path / "out")], "no shipped drafter matches")
-
-
 def test_missing_drafter_folder(hf_dirs, tmp_path):
     fails(["export", str(hf_dirs["llama"]), "-o", str(tmp_path / "out"), "--drafter", str(tmp_path / "none")],
           "no drafter at")

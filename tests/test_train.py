@@ -157,7 +157,7 @@ def test_unrolled_passes_match_tree_nodes_at_depth_two_and_three(target, sequenc
         first, second, third = predict(drafter, batch, unroll=3, noise=0.0)
         inputs, ids = batch.features[:, :-1], batch.ids[:, 1:]
         seq = ids.shape[1]
-        _, *kv = drafter(inputs, ids, torch.arange(seq)[None], causal_mask(seq), *empty_past(drafter, 1))
+        _, *kv = drafter(inputs, ids, torch.arange(seq)[None], causal_mask(seq), *empty_past(drafter, 1, "cpu"))
         j = seq // 2
         visible = torch.zeros(1, 1, 1, 1)
         depth2, *kv2 = drafter(first[:, j - 2: j - 1], ids[:, j - 1: j], torch.tensor([[j - 1]]), visible,
@@ -274,3 +274,29 @@ def test_chunked_scoring_equals_whole_batch(target, sequences):
     torch.testing.assert_close(chunked, whole)
     for a, b in zip(whole_hits, chunked_hits):
         assert torch.equal(a, b)
+
+
+def test_training_device_auto_takes_the_cpu_here_and_cuda_without_a_gpu_is_one_line(monkeypatch):
+    """Dovetail trains drafters on a GPU; where PyTorch sees none, auto trains on the CPU and cuda is refused before
+    any data is made."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_module.train_device("auto") == "cpu" and train_module.train_device("cpu") == "cpu"
+    with pytest.raises(DovetailError, match=r"--device cuda, but PyTorch .* sees no CUDA GPU; .* --device cpu$"):
+        train_module.train_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train_module.train_device("auto") == "cuda"
+
+
+def test_the_cli_refuses_cuda_before_the_data_step(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train_module, "train_drafter", lambda *a, **k: pytest.fail("trained"))
+    result = CliRunner().invoke(train_command, [str(tmp_path / "no-target"), "-o", str(tmp_path / "d"), "--device",
+                                                "cuda"])
+    assert result.exit_code == 1 and "sees no CUDA GPU" in result.stderr
+
+
+def test_training_reports_its_device(target, sequences):
+    _, metrics = train_drafter(*target, sequences, quick(steps=2, device="cpu"), progress=False)
+    assert metrics.extra["device"] == "cpu"
