@@ -25,7 +25,7 @@ from dovetail_onnx.runtime.errors import DovetailError
 # Decoder-only models whose onnxruntime-genai builder graph fits the target contract, each tested on a tiny random
 # config against transformers' greedy decoding (tests/test_architectures.py).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
-                           "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM")
+                           "Phi3ForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM")
 
 @dataclass(frozen=True)
 class Embedded:

@@ -51,7 +51,7 @@ ATTENTION_ROWS = {"fp32": 1, "int8": 2, "int4": 2, "gguf": 2}
 VERIFY = {"fp32": "tree", "int8": "chain", "int4": "chain", "gguf": "chain"}
 # fp32 graph against fp32 PyTorch: differences come from op order and fused kernels only.
 LOGIT_TOLERANCE = 1e-3
-GQA_POSITION_IDS, GQA_ATTENTION_BIAS = 9, 10
+GQA_KEY, GQA_VALUE, GQA_POSITION_IDS, GQA_ATTENTION_BIAS, GQA_HEAD_SINK = 1, 2, 9, 10, 11
 # Targets also get this graph: the same weights, with dovetail's kernels for MatMulNBits and attention.
 ROWS_FILE = "target.rows.onnx"
 
@@ -93,7 +93,10 @@ def export_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pa
             raise DovetailError(f"onnxruntime-genai's model builder failed ({last}); report the model and versions")
         if precision == "gguf":
             use_gguf_blocks(built / "model.onnx", model, gguf)
-        adapt_graph(built / "model.onnx", path, spec.head_dim, spec.attention_rows)
+        # A window on every layer (Mistral v0.1, Phi-3) the builder leaves out; alternating layers (Gemma) it keeps.
+        uniform = None if getattr(model.config, "layer_types", None) else getattr(model.config, "sliding_window", None)
+        if window := adapt_graph(built / "model.onnx", path, spec.head_dim, spec.attention_rows, uniform):
+            spec = spec.model_copy(update={"sliding_window": window})
     written, tree_attention = write_rows_graph(path, path.with_name(ROWS_FILE))
     if written:
         spec = spec.model_copy(update={"kernel_file": ROWS_FILE})
@@ -142,11 +145,14 @@ def use_tree_attention(g: onnx.GraphProto) -> bool:
     """Run every GroupQueryAttention as dovetail's TreeAttention (kernels/tree_attention.cpp: the same inputs and
     outputs, each row computed alike however many run, tree rows equal to sequential decoding), dropping the lone
     query row's padding (`pad_lone_query`), which it does not need. False, graph unchanged, where a node uses what
-    TreeAttention does not (a sliding window, softcap, interleaved rotary)."""
+    TreeAttention does not (a sliding window, softcap, interleaved rotary, unpacked Q/K/V, a head sink)."""
     attention = [n for n in g.node if n.op_type == "GroupQueryAttention"]
     supported = {"local_window_size": -1, "softcap": 0.0, "rotary_interleaved": 0}
     if not attention or any(helper.get_attribute_value(a) != supported[a.name]
                             for n in attention for a in n.attribute if a.name in supported):
+        return False
+    # Separate K and V (Qwen3's per-head norms come between the projection and attention) or a head sink.
+    if any(name for n in attention for i, name in enumerate(n.input) if i in (GQA_KEY, GQA_VALUE, GQA_HEAD_SINK)):
         return False
     producer = {output: n for n in g.node for output in n.output}
     padding = set()
@@ -170,10 +176,16 @@ def use_tree_attention(g: onnx.GraphProto) -> bool:
     return True
 
 
-def adapt_graph(source: Path, path: Path, head_dim: int, attention_rows: int) -> None:
+def adapt_graph(source: Path, path: Path, head_dim: int, attention_rows: int,
+                uniform_window: int | None = None) -> int | None:
     """Wire `position_ids` and `attention_bias` graph inputs into every GroupQueryAttention node, declare the
     KV head size (so a manifest that disagrees is caught at load), pad a lone query row when `attention_rows`
-    is 2, and move the graph and its weights to `path` (the weights are renamed on disk, never loaded)."""
+    is 2, and move the graph and its weights to `path` (the weights are renamed on disk, never loaded).
+
+    A sliding-window node (Gemma-2's local layers, Mistral's window) reads `attention_bias_local` instead, which
+    the runtime masks to the window itself: GroupQueryAttention's own window treats the KV buffer as a ring of the
+    window's size, which a buffer of kept tree rows is not. `uniform_window`: the model's window on every layer,
+    applied to every node where the builder set none. Returns the window (None: no node has one)."""
     graph = onnx.load(str(source), load_external_data=False)
     g = graph.graph
     for value in [*g.input, *g.output]:
@@ -187,10 +199,27 @@ def adapt_graph(source: Path, path: Path, head_dim: int, attention_rows: int) ->
     attention = [n for n in g.node if n.op_type == "GroupQueryAttention"]
     if not attention:
         raise DovetailError("the builder's graph has no GroupQueryAttention node; report the model and versions")
+    windows = set()
     for node in attention:
         while len(node.input) <= GQA_ATTENTION_BIAS:
             node.input.append("")
         node.input[GQA_POSITION_IDS], node.input[GQA_ATTENTION_BIAS] = "position_ids", "attention_bias"
+        window = next((a.i for a in node.attribute if a.name == "local_window_size" and a.i > 0), None)
+        if window:
+            windows.add(window)
+            for attribute in node.attribute:
+                if attribute.name in ("local_window_size", "sliding_window_cache"):
+                    attribute.i = -1 if attribute.name == "local_window_size" else 0
+            node.input[GQA_ATTENTION_BIAS] = "attention_bias_local"
+    if uniform_window and not windows:
+        windows.add(uniform_window)
+        for node in attention:
+            node.input[GQA_ATTENTION_BIAS] = "attention_bias_local"
+    if len(windows) > 1:
+        raise DovetailError(f"the builder's graph has several attention windows {sorted(windows)}; report the model")
+    if windows:
+        g.input.append(helper.make_tensor_value_info("attention_bias_local", TensorProto.FLOAT,
+                                                     ["batch_size", 1, rows, "total_sequence_length"]))
     if attention_rows == 2:
         pad_lone_query(g)
     data = path.name + ".data"
@@ -201,6 +230,7 @@ def adapt_graph(source: Path, path: Path, head_dim: int, attention_rows: int) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(source.with_name(source.name + ".data"), path.with_name(data))
     onnx.save(graph, str(path))
+    return windows.pop() if windows else None
 
 
 def pad_lone_query(g: onnx.GraphProto) -> None:
@@ -273,8 +303,12 @@ def _against_pytorch(model, prompt: np.ndarray, tree: Tree, prefill_logits: np.n
     full[n:, :n] = 0.0
     full[n:, n:] = tree.mask()[0, 0]
     positions = np.concatenate((np.arange(n), n + tree.depth))
+    mask = torch.from_numpy(full)[None, None]
+    if window := getattr(model.config, "sliding_window", None):  # keys at least `window` positions back are out
+        local = torch.from_numpy(np.where(positions[:, None] - positions[None, :] < window, full, MASKED))[None, None]
+        types = getattr(model.config, "layer_types", None)  # Gemma's alternate local and global layers
+        mask = {kind: local if kind == "sliding_attention" else mask for kind in types} if types else local
     with torch.no_grad():
         reference = model(input_ids=torch.from_numpy(np.concatenate((prompt, tree.tokens)))[None],
-                          position_ids=torch.from_numpy(positions)[None],
-                          attention_mask=torch.from_numpy(full)[None, None]).logits[0].numpy()
+                          position_ids=torch.from_numpy(positions)[None], attention_mask=mask).logits[0].numpy()
     return [np.abs(prefill_logits - reference[:n]).max(), np.abs(tree_logits - reference[n:]).max()]

@@ -131,6 +131,7 @@ class GraphSpec(BaseModel):
     row_step: Literal[1, 2, 4] = 1  # the exact row multiple the exporting CPU needed (each CPU checks its own)
     cpu_file: FileName | None = None  # drafter only: the int8 graph to use when it runs on a CPU
     kernel_file: FileName | None = None  # target only: the same graph on dovetail's kernels (runtime/kernels.py)
+    sliding_window: Positive | None = None  # keys a windowed attention node sees: `attention_bias_local` masks them
 
     @model_validator(mode="after")
     def _heads(self) -> GraphSpec:

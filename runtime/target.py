@@ -52,6 +52,7 @@ class Target:
         names = SharedKVCache.graph_names(spec.num_layers)
         check_io(self.session, "target",
                  {"input_ids": {}, "attention_mask": {}, "position_ids": {}, "attention_bias": {},
+                  **({"attention_bias_local": {}} if spec.sliding_window else {}),
                   **{past: {1: spec.kv_heads, 3: spec.head_dim} for past, _ in names}},
                  {"logits": {-1: spec.vocab_size}, "hidden_states": {-1: spec.hidden_size},
                   **{present: {1: spec.kv_heads, 3: spec.head_dim} for _, present in names}})
@@ -118,11 +119,13 @@ class Target:
         self.positions = np.zeros(rows, dtype=np.int64)
         self.ones = np.ones(self.kv.capacity, dtype=np.int64)
         self.bias = np.zeros(rows * self.kv.capacity, dtype=FLOAT)
+        self.local = np.zeros(rows * self.kv.capacity, dtype=FLOAT) if spec.sliding_window else None
         # Python after a forward runs with caches the weights have flushed: every call costs ~10x its warm time
         # (measured: 0.5 ms between two 1-row forwards), so a step does as few as it can.
         self._ptr = {name: array.ctypes.data for name, array in (
             ("input_ids", self.ids), ("position_ids", self.positions), ("attention_mask", self.ones),
-            ("attention_bias", self.bias), ("logits", self.logits), ("hidden_states", self.hidden))}
+            ("attention_bias", self.bias), ("logits", self.logits), ("hidden_states", self.hidden),
+            *([("attention_bias_local", self.local)] if self.local is not None else []))}
         self.binding = self.session.io_binding()
         self.kv.bind(self.binding)
         self._bound_rows = 0
@@ -158,6 +161,12 @@ class Target:
             self._bound_rows = rows
         b.bind_input("attention_mask", "cpu", 0, np.int64, [1, total], ptr["attention_mask"])
         b.bind_input("attention_bias", "cpu", 0, FLOAT, [1, 1, attention_rows, total], ptr["attention_bias"])
+        if self.local is not None:  # the same mask, less the keys a query sits `sliding_window` or more positions past
+            keys = np.concatenate((np.arange(past), self.positions[:attention_rows]))
+            local = self.local[: attention_rows * total].reshape(attention_rows, total)
+            np.copyto(local, np.where(self.positions[:attention_rows, None] - keys < spec.sliding_window, bias, MASKED))
+            b.bind_input("attention_bias_local", "cpu", 0, FLOAT, [1, 1, attention_rows, total],
+                         ptr["attention_bias_local"])
         self.session.run_with_iobinding(b)
         return self.logits[:seq], self.hidden[:seq]
 

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -34,6 +36,16 @@ def make_model(kind: str, seed: int = 0):
         model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
     elif kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, **common))
+    elif kind == "qwen3":  # per-head q/k norms: attention takes Q, K and V apart
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, tie_word_embeddings=True, **common))
+    elif kind == "mistral":  # a window on every layer, short enough to matter in a test
+        model = MistralForCausalLM(MistralConfig(head_dim=16, sliding_window=8, **common))
+    elif kind == "phi3":  # fused qkv and gate/up projections
+        model = Phi3ForCausalLM(Phi3Config(original_max_position_embeddings=512, pad_token_id=0, **common))
+    elif kind == "gemma2":  # local and global layers alternating, attention and final logit soft-capping
+        model = Gemma2ForCausalLM(Gemma2Config(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, **common))
+    elif kind == "granite":  # embedding, residual, attention and logit multipliers
+        model = GraniteForCausalLM(GraniteConfig(tie_word_embeddings=True, **common))
     else:
         raise ValueError(kind)
     # Random init gives near-uniform logits; a larger scale makes greedy decoding non-trivial.
