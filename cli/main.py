@@ -39,6 +39,9 @@ def default_name(target: str) -> str:
               help="Drafter folder (config.json + model.safetensors), a Dovetail/EAGLE pytorch_model.bin, 'random', or "
                    "'lookup' (no drafter: prompt lookup drafts alone) [default: the shipped drafter trained for "
                    "TARGET, else 'lookup'].")
+@click.option("--draft-model", default=None,
+              help="A small LM of TARGET's tokenizer (Hugging Face folder, .gguf file or embedded name) that drafts "
+                   "instead of a trained drafter, e.g. a smaller size of the same family.")
 @click.option("--drafter-layers", type=click.IntRange(1, 6), default=1, show_default=True,
               help="Layers of a random drafter.")
 @click.option("--top-k", type=click.IntRange(1, MAX_TOP_K), default=EXPORT_TREE.top_k, show_default=True,
@@ -65,7 +68,7 @@ def default_name(target: str) -> str:
 @click.option("--tune", is_flag=True,
               help="Then time a few trees on this machine and store the fastest as the default (about a minute).")
 @click.option("--threads", type=Threads(), help="Threads for --tune, at most the cores.")
-def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, min_prob, draft_vocab, cpu_drafter,
+def export(target, output, drafter, draft_model, drafter_layers, top_k, depth, tree_tokens, min_prob, draft_vocab, cpu_drafter,
            precision, block_size, tune, threads):
     """Export TARGET (a Hugging Face folder or a .gguf file) and a drafter to ONNX."""
     from dovetail_onnx.export.artifact import LOOKUP_DEPTH, export_artifact  # torch lives only on this path
@@ -78,7 +81,7 @@ def export(target, output, drafter, drafter_layers, top_k, depth, tree_tokens, m
     tree = TreeSettings(top_k, depth, tree_tokens, min_prob)
     export_artifact(target, output, drafter, drafter_layers, tree, draft_vocab, cpu_drafter, precision,
                     block_size=int(block_size) if block_size else None,
-                    lookup_depth=depth if given else LOOKUP_DEPTH)
+                    lookup_depth=depth if given else LOOKUP_DEPTH, draft_model=draft_model)
     if tune:
         from rich.console import Console
         from rich.progress import Progress

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dovetail_onnx.export.drafter import Drafter, load_drafter, random_drafter, target_fingerprint, target_source
 from dovetail_onnx.export.drafter_export import export_drafter, quantize_int8
-from dovetail_onnx.export.load import gguf_file, load_target
+from dovetail_onnx.export.load import EMBEDDED, gguf_file, load_target
 from dovetail_onnx.export.target import export_target
 from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.manifest import EXPORT_TREE, FORMAT_VERSION, MANIFEST, MAX_TOP_K, GraphSpec, TreeSettings, \
@@ -33,13 +33,16 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[
 
 
 def build_manifest(model, tokenizer, target: GraphSpec, drafter: Drafter | None, tree: TreeSettings,
-                   draft_vocab: int, cpu_drafter: bool, folder: Path) -> dict:
+                   draft_vocab: int, cpu_drafter: bool, folder: Path, draft_model: GraphSpec | None = None) -> dict:
     c, d = model.config, drafter and drafter.config
     graphs = ["target.onnx"] + (["drafter.onnx"] + (["drafter.int8.onnx"] if cpu_drafter else [])) * bool(drafter)
-    files = [f for g in graphs for f in (g, g + ".data")] + [f for f in [target.kernel_file] if f] + ["tokenizer.json"]
+    graphs += [draft_model.file] if draft_model else []
+    kernel_files = [spec.kernel_file for spec in (target, draft_model) if spec and spec.kernel_file]
+    files = [f for g in graphs for f in (g, g + ".data")] + kernel_files + ["tokenizer.json"]
     return {
         "format_version": FORMAT_VERSION,
         "target": target.model_dump(exclude_none=True),
+        "draft_model": draft_model and draft_model.model_dump(exclude_none=True),
         "drafter": d and {"file": "drafter.onnx", "num_layers": d.num_layers, "kv_heads": d.num_key_value_heads,
                           "kv_width": d.num_key_value_heads * d.head_dim, "hidden_size": d.hidden_size,
                           "vocab_size": d.vocab_size, "cpu_file": "drafter.int8.onnx" if cpu_drafter else None},
@@ -61,7 +64,8 @@ def build_manifest(model, tokenizer, target: GraphSpec, drafter: Drafter | None,
 def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_layers: int = 1,
                     tree: TreeSettings = EXPORT_TREE, draft_vocab: int | None = None,
                     cpu_drafter: bool = True, precision: str = "fp32", console: Console | None = None,
-                    block_size: int | None = None, lookup_depth: int = LOOKUP_DEPTH) -> dict:
+                    block_size: int | None = None, lookup_depth: int = LOOKUP_DEPTH,
+                    draft_model: str | Path | None = None) -> dict:
     """Write target.onnx, drafter.onnx (+ drafter.int8.onnx), tokenizer files and dovetail.json into `out`.
 
     `drafter`: a drafter folder or file, 'random', 'lookup' (none: prompt lookup drafts alone), or None (the shipped
@@ -69,7 +73,11 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
     `cpu_drafter`: also write the int8 drafter the runtime uses when the drafter runs on a CPU.
     `precision`: the target's weights, fp32, int8, int4 or gguf (see export/target.py); `block_size`: an int8 or
     int4 target's weights per scale. `lookup_depth`: the default chain when prompt lookup drafts alone.
+    `draft_model`: a standalone small LM of the target's tokenizer (a Hugging Face folder, a .gguf file or an
+    embedded name) that drafts instead of a trained drafter; it gets the target's precision where it can.
     """
+    if draft_model is not None and drafter not in (None, "lookup"):
+        raise DovetailError("--draft-model drafts instead of a trained drafter; drop --drafter")
     if block_size is not None and precision in ("fp32", "gguf"):
         fix = {"fp32": "add --precision int8 or int4, or drop it", "gguf": "gguf keeps the file's blocks; drop it"}
         raise DovetailError(f"--block-size applies to int8 and int4 targets, not {precision}: {fix[precision]}")
@@ -80,18 +88,26 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
         with console.status("loading target") as status:
             model, tokenizer = load_target(target)
             status.update("preparing drafter")
-            draft = make_drafter(drafter, drafter_layers, model, tokenizer, console, precision)
+            draft = None if draft_model is not None else make_drafter(drafter, drafter_layers, model, tokenizer,
+                                                                      console, precision)
             out.mkdir(parents=True, exist_ok=True)
             # Until the new manifest is written the folder is no artifact: an interrupted export is never
             # mistaken for a whole one, nor an old manifest paired with half-written graphs.
             (out / MANIFEST).unlink(missing_ok=True)
             status.update(f"building target.onnx ({precision}) and checking it")
             target_graph = export_target(model, tokenizer, out / "target.onnx", precision, block_size, gguf)
-            if target_graph.verify == "chain" or not draft:  # a copied draft is a chain
-                depth = tree.depth if draft else lookup_depth
+            drafting = draft or draft_model is not None
+            if target_graph.verify == "chain" or not drafting:  # a copied draft is a chain
+                depth = tree.depth if drafting else lookup_depth
                 tree = replace(tree, top_k=1, depth=depth, total_tokens=min(tree.total_tokens, depth + 1))
-            for stale in ("drafter.onnx", "drafter.onnx.data", "drafter.int8.onnx", "drafter.int8.onnx.data"):
+            for stale in ("drafter.onnx", "drafter.onnx.data", "drafter.int8.onnx", "drafter.int8.onnx.data",
+                          "draft.onnx", "draft.onnx.data", "draft.rows.onnx"):
                 (out / stale).unlink(missing_ok=True)
+            draft_graph = None
+            if draft_model is not None:
+                status.update("building draft.onnx (the draft model) and checking it")
+                draft_graph = export_draft_model(draft_model, model, tokenizer, out / "draft.onnx", precision,
+                                                 block_size, console)
             if draft:
                 status.update("exporting drafter.onnx")
                 draft_vocab = draft.config.draft_vocab_size if draft_vocab is None else draft_vocab
@@ -101,12 +117,30 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
                     quantize_int8(out / "drafter.onnx", out / "drafter.int8.onnx")
             status.update("writing tokenizer and manifest")
             tokenizer.save_pretrained(out)
-            manifest = build_manifest(model, tokenizer, target_graph, draft, tree, draft_vocab, cpu_drafter, out)
+            manifest = build_manifest(model, tokenizer, target_graph, draft, tree, draft_vocab, cpu_drafter, out,
+                                      draft_graph)
             partial = out / f"{MANIFEST}.partial"
             partial.write_text(json.dumps(manifest, indent=2) + "\n")
             partial.replace(out / MANIFEST)
     console.print(f"exported {out} in {time.perf_counter() - started:.1f} s")
     return manifest
+
+
+def export_draft_model(source: str | Path, target: PreTrainedModel, tokenizer, path: Path, precision: str,
+                       block_size: int | None, console: Console) -> GraphSpec:
+    """The draft model's graph, in the target's contract and precision (a gguf target's draft model keeps its own
+    file's blocks when it is a GGUF too, else it takes int4). Its tokens must be the target's: the same vocabulary,
+    every string at the same id."""
+    draft, draft_tokenizer = load_target(source)
+    if draft.config.vocab_size != target.config.vocab_size or draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise DovetailError(f"the draft model {source} has another tokenizer than the target (vocabulary "
+                            f"{len(draft_tokenizer)} against {len(tokenizer)}, or the same ids for other strings); "
+                            "pick a draft model of the target's family, e.g. a smaller size of it")
+    if precision == "gguf" and not (str(source) in EMBEDDED or Path(source).suffix == ".gguf"):
+        console.print(f"draft model: {source} is no GGUF, so it takes int4 weights", soft_wrap=True)
+        precision, block_size = "int4", None
+    with gguf_file(source) if precision == "gguf" else nullcontext() as gguf:
+        return export_target(draft, draft_tokenizer, path, precision, block_size, gguf)
 
 
 def shipped_drafter(model, tokenizer, precision: str = "fp32") -> Path | None:

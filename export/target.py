@@ -52,8 +52,6 @@ VERIFY = {"fp32": "tree", "int8": "chain", "int4": "chain", "gguf": "chain"}
 # fp32 graph against fp32 PyTorch: differences come from op order and fused kernels only.
 LOGIT_TOLERANCE = 1e-3
 GQA_KEY, GQA_VALUE, GQA_POSITION_IDS, GQA_ATTENTION_BIAS, GQA_HEAD_SINK = 1, 2, 9, 10, 11
-# Targets also get this graph: the same weights, with dovetail's kernels for MatMulNBits and attention.
-ROWS_FILE = "target.rows.onnx"
 
 
 def dims_of(config) -> tuple[int, int, int]:
@@ -61,10 +59,11 @@ def dims_of(config) -> tuple[int, int, int]:
     return config.num_attention_heads, config.num_key_value_heads, head_dim
 
 
-def target_spec(model: PreTrainedModel, precision: str, block_size: int | None = None) -> GraphSpec:
+def target_spec(model: PreTrainedModel, precision: str, block_size: int | None = None,
+                file: str = "target.onnx") -> GraphSpec:
     c = model.config
     _, kv_heads, head_dim = dims_of(c)
-    return GraphSpec(file="target.onnx", num_layers=c.num_hidden_layers, kv_heads=kv_heads,
+    return GraphSpec(file=file, num_layers=c.num_hidden_layers, kv_heads=kv_heads,
                      kv_width=kv_heads * head_dim, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
                      precision=precision, attention_rows=ATTENTION_ROWS[precision], verify=VERIFY[precision],
                      block_size=None if precision == "fp32" else block_size or DEFAULT_BLOCK_SIZES[precision])
@@ -75,7 +74,7 @@ def export_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pa
     """Write `path` (+ `.data`), check it, and return its manifest entry. `block_size`: weights per scale of a
     quantized target (default: DEFAULT_BLOCK_SIZES); fp32 takes none. `gguf`: the file whose blocks a gguf
     target holds."""
-    spec = target_spec(model, precision, block_size)
+    spec = target_spec(model, precision, block_size, path.name)
     quantized = [f"block_size={spec.block_size}"] if spec.block_size else []
     if importlib.util.find_spec("onnxruntime_genai") is None:
         raise DovetailError("export needs onnxruntime-genai's model builder; run `pip install "
@@ -97,9 +96,11 @@ def export_target(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pa
         uniform = None if getattr(model.config, "layer_types", None) else getattr(model.config, "sliding_window", None)
         if window := adapt_graph(built / "model.onnx", path, spec.head_dim, spec.attention_rows, uniform):
             spec = spec.model_copy(update={"sliding_window": window})
-    written, tree_attention = write_rows_graph(path, path.with_name(ROWS_FILE))
+    # Every graph also gets this one: the same weights, with dovetail's kernels for MatMulNBits and attention.
+    rows_file = f"{path.stem}.rows.onnx"
+    written, tree_attention = write_rows_graph(path, path.with_name(rows_file))
     if written:
-        spec = spec.model_copy(update={"kernel_file": ROWS_FILE})
+        spec = spec.model_copy(update={"kernel_file": rows_file})
         # Both graphs run on users' CPUs (dovetail's kernels' where they build), so both are checked where they build
         # here; elsewhere the runtime's own row check (Target.row_step) is what stands between it and a user. On
         # TreeAttention a quantized target's tree rows equal sequential decoding too: checked on a two-branch tree

@@ -20,6 +20,8 @@ from dovetail_onnx.runtime.tree import Tree, additive, causal
 class Drafter:
     """Proposes a token tree from the target's features of the newly accepted tokens."""
 
+    reads_features = True  # its row i pairs the target's feature of token i with token i + 1
+
     def __init__(self, manifest: Manifest, device: str, threads: int | None):
         self.spec = manifest.drafter
         self.max_top_k = manifest.max_top_k
@@ -87,20 +89,11 @@ class Drafter:
 
     def propose(self, features: np.ndarray, tokens: np.ndarray, total: int | None = None,
                 chain: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Tree, int]:
-        """Extend the drafter's past with (feature_i, token_{i+1}) pairs, then grow a tree at `tokens[-1]`.
-
-        EAGLE-2: expand the `top_k` best nodes by cumulative log-prob at each of `depth` levels,
-        then keep the `total - 1` best candidates overall (a parent always outranks its child).
-        Only frontier nodes that outscore the current cut (the `total - 1`-th best candidate so far)
-        are expanded: the cut only rises and a child never outscores its parent, so the others'
-        descendants could never enter the tree. Nodes below the settings' `min_prob` are not expanded
-        either: their children cannot add enough to pay for a forward. Each forward then runs only rows
-        that can count, and a level with none ends the drafting (the tree is filled from what was
-        drafted). `total` (default: the tree settings') of 1 only extends the past.
-        A prompt-lookup `chain` (tokens, cumulative log-probs) competes for the same places (see `best_tree`).
+        """Extend the drafter's past with (feature_i, token_{i+1}) pairs, then grow a tree at `tokens[-1]`
+        (`grow_tree`, EAGLE-2's rule). `total` (default: the tree settings') of 1 only extends the past. A
+        prompt-lookup `chain` (tokens, cumulative log-probs) competes for the same places (see `best_tree`).
         Returns the tree and its first node copied from the chain (its length when none is).
         """
-        top_k, depth = self.settings.top_k, self.settings.depth
         total = self.settings.total_tokens if total is None else total
         out = 0
         for start in range(0, len(tokens), PREFILL_CHUNK):
@@ -114,44 +107,65 @@ class Drafter:
         if total < 2:
             return Tree(np.asarray(tokens[-1:], dtype=np.int64), np.array([-1])), 1
 
-        # Candidate nodes (root excluded): token, parent (-1 = root), cumulative log-prob, draft KV slot.
-        cand_tokens = list(ids[-1, :top_k])
-        cand_parent = [-1] * top_k
-        cand_score = list(logps[-1, :top_k].astype(np.float64))
-        frontier = np.arange(top_k)
-        parent_rows = np.full(top_k, len(chunk) - 1)
-        slots = np.full(top_k, -1)
-        min_logp = np.log(self.settings.min_prob) if self.settings.min_prob > 0 else -np.inf
-        for level in range(1, depth):
-            scores = np.array(cand_score)
-            promising = scores[frontier] >= min_logp
-            if len(cand_score) >= total - 1:
-                promising &= scores[frontier] > -np.partition(-scores, total - 2)[total - 2]
-            frontier, parent_rows = frontier[promising], parent_rows[promising]
-            if not len(frontier):
-                break
-            out, rows = 1 - out, len(frontier)
-            past = stable + (level - 1) * top_k
-            slots[frontier] = past - stable + np.arange(rows)
-            visible = np.zeros((rows, past - stable + rows), dtype=bool)
-            for row, node in enumerate(frontier):
-                while node >= 0:
-                    visible[row, slots[node]] = True
-                    node = cand_parent[node]
-            ids, logps = self._run(np.array(cand_tokens)[frontier], np.full(rows, stable + level - 1),
-                                   additive(visible)[None, None], past, parent_rows, None, out)
-            scores = np.array(cand_score)[frontier][:, None] + logps[:, :top_k]
-            best = np.argsort(-scores.ravel(), kind="stable")[:top_k]
-            first = len(cand_tokens)
-            cand_tokens += list(ids[:, :top_k].ravel())
-            cand_parent += list(np.repeat(frontier, top_k))
-            cand_score += list(scores.ravel())
-            slots = np.concatenate((slots, np.full(rows * top_k, -1)))
-            frontier = first + best
-            parent_rows = best // top_k
+        def expand(level: int, frontier: np.ndarray, parent_rows: np.ndarray, visible: np.ndarray):
+            nonlocal out  # each level reads its parents' features from the buffer the last one wrote
+            out = 1 - out
+            past = stable + (level - 1) * self.settings.top_k
+            return self._run(frontier, np.full(len(frontier), stable + level - 1), additive(visible)[None, None], past,
+                             parent_rows, None, out)
 
-        return best_tree(int(tokens[-1]), np.array(cand_tokens), np.array(cand_parent), np.array(cand_score),
-                         replace(self.settings, total_tokens=total), chain)
+        return grow_tree(int(tokens[-1]), ids[-1], logps[-1], len(chunk) - 1, replace(self.settings, total_tokens=total),
+                         expand, chain)
+
+
+def grow_tree(root: int, ids: np.ndarray, logps: np.ndarray, root_row: int, settings: TreeSettings, expand,
+              chain: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Tree, int]:
+    """EAGLE-2's dynamic tree from the root's candidates (`ids`, `logps`, best first), shared by every drafter.
+
+    Expand the `top_k` best nodes by cumulative log-prob at each of `depth` levels, then keep the `total_tokens - 1`
+    best candidates overall (a parent always outranks its child). Only frontier nodes that outscore the current cut
+    (the `total - 1`-th best candidate so far) are expanded: the cut only rises and a child never outscores its
+    parent, so the others' descendants could never enter the tree. Nodes below `min_prob` are not expanded either:
+    their children cannot add enough to pay for a forward. A level with none ends the drafting.
+    `expand(level, tokens, parent_rows, visible)` runs one forward over a level's frontier: each row's token, the
+    row of the last forward that holds its parent (`root_row` for the root), and which drafted slots it sees
+    (`[rows, slots so far + rows]`, slots `top_k` a level); it returns each row's candidate ids and log-probs.
+    """
+    top_k, depth, total = settings.top_k, settings.depth, settings.total_tokens
+    # Candidate nodes (root excluded): token, parent (-1 = root), cumulative log-prob, draft KV slot.
+    cand_tokens = list(ids[:top_k])
+    cand_parent = [-1] * top_k
+    cand_score = list(logps[:top_k].astype(np.float64))
+    frontier = np.arange(top_k)
+    parent_rows = np.full(top_k, root_row)
+    slots = np.full(top_k, -1)
+    min_logp = np.log(settings.min_prob) if settings.min_prob > 0 else -np.inf
+    for level in range(1, depth):
+        scores = np.array(cand_score)
+        promising = scores[frontier] >= min_logp
+        if len(cand_score) >= total - 1:
+            promising &= scores[frontier] > -np.partition(-scores, total - 2)[total - 2]
+        frontier, parent_rows = frontier[promising], parent_rows[promising]
+        if not len(frontier):
+            break
+        rows, drafted = len(frontier), (level - 1) * top_k
+        slots[frontier] = drafted + np.arange(rows)
+        visible = np.zeros((rows, drafted + rows), dtype=bool)
+        for row, node in enumerate(frontier):
+            while node >= 0:
+                visible[row, slots[node]] = True
+                node = cand_parent[node]
+        ids, logps = expand(level, np.array(cand_tokens)[frontier], parent_rows, visible)
+        scores = np.array(cand_score)[frontier][:, None] + logps[:, :top_k]
+        best = np.argsort(-scores.ravel(), kind="stable")[:top_k]
+        first = len(cand_tokens)
+        cand_tokens += list(ids[:, :top_k].ravel())
+        cand_parent += list(np.repeat(frontier, top_k))
+        cand_score += list(scores.ravel())
+        slots = np.concatenate((slots, np.full(rows * top_k, -1)))
+        frontier = first + best
+        parent_rows = best // top_k
+    return best_tree(root, np.array(cand_tokens), np.array(cand_parent), np.array(cand_score), settings, chain)
 
 
 def best_tree(root: int, tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray, settings: TreeSettings,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dovetail_onnx.runtime.draft_model import DraftModel
 from dovetail_onnx.runtime.drafter import Drafter
 from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.lookup import Copier
@@ -33,8 +34,8 @@ MODES = ("speculative", "target-only")
 
 
 class Model:
-    """An exported artifact: manifest, tokenizer, target session (CPU) and drafter session (None where the artifact
-    has no trained drafter and drafts by prompt lookup alone)."""
+    """An exported artifact: manifest, tokenizer, target session (CPU) and drafter: a trained drafter, a standalone
+    draft model, or None where prompt lookup drafts alone."""
 
     def __init__(self, folder: str | Path, draft_device: str = "auto", threads: int | None = None,
                  draft_threads: int | None = None, verify_checksums: bool = True):
@@ -45,7 +46,10 @@ class Model:
         self.manifest = load_manifest(folder, verify=verify_checksums)
         self.tokenizer = Tokenizer(self.manifest.folder, self.manifest.chat_template, self.manifest.special_tokens)
         self.target = Target(self.manifest.folder / self.manifest.target.file, self.manifest.target, threads)
-        self.drafter = Drafter(self.manifest, draft_device, draft_threads or threads) if self.manifest.drafter else None
+        threads_for_draft = draft_threads or threads
+        self.drafter: Drafter | DraftModel | None = (
+            Drafter(self.manifest, draft_device, threads_for_draft) if self.manifest.drafter
+            else DraftModel(self.manifest, draft_device, threads_for_draft) if self.manifest.draft_model else None)
         # Token ids of the last generation (prompt + every token its loop produced); the caches' rows are K/V of a
         # prefix of these.
         self.history: list[int] = []
@@ -255,8 +259,9 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     token = _pick(logits[None], sampling, rng)
     model.history.append(token)
     yield [token]
-    # The drafter reads (target feature of token i, token i+1): the prompt shifted by one.
-    next_tokens = np.append(prompt[keep + 1 :], token)
+    # A trained drafter reads (target feature of token i, token i+1): the prompt shifted by one; a draft model reads
+    # the tokens themselves.
+    next_tokens = np.append(prompt[keep + int(not drafter or drafter.reads_features) :], token)
     # Prompt lookup: a chain copied from the text so far, no deeper than the tree, competes with the drafter's
     # candidates for the tree's places by its odds of acceptance (in chain mode, or with no drafter, it is the whole
     # draft).

@@ -149,7 +149,8 @@ class Manifest(BaseModel):
     folder: Path = Path()  # not in the file: set to where it was read from
     format_version: Literal[2]
     target: GraphSpec
-    drafter: GraphSpec | None  # null: no trained drafter for this target, it drafts by prompt lookup only
+    drafter: GraphSpec | None  # null: no trained drafter for this target
+    draft_model: GraphSpec | None = None  # a standalone small LM of the target's tokenizer drafts instead
     max_top_k: Annotated[StrictInt, Field(ge=1, le=1024)]
     fusion: Literal["dgf", "eagle"] | None
     eos_token_ids: Annotated[tuple[Annotated[StrictInt, Field(ge=0)], ...], Field(min_length=1)]
@@ -164,6 +165,11 @@ class Manifest(BaseModel):
     def _consistent(self) -> Manifest:
         if problem := self.tree.problem(self.max_top_k) or self.tree.chain_problem(self.target.verify):
             raise ValueError(f"field 'tree': {problem.replace('--', '').replace('-', '_')}")
+        if self.drafter and self.draft_model:
+            raise ValueError("fields 'drafter' and 'draft_model' are both set; an artifact drafts with one of them")
+        if self.draft_model and self.draft_model.vocab_size != self.target.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({self.draft_model.vocab_size}) is not the target's "
+                             f"({self.target.vocab_size}); export with a draft model of the target's tokenizer")
         if self.drafter and (self.drafter.hidden_size != self.target.hidden_size
                              or self.drafter.vocab_size != self.target.vocab_size):
             raise ValueError(
@@ -180,12 +186,8 @@ class Manifest(BaseModel):
     @property
     def graph_files(self) -> list[str]:
         drafter = (self.drafter.file, self.drafter.cpu_file) if self.drafter else ()
-        return [f for f in (self.target.file, self.target.kernel_file, *drafter) if f]
-
-    @property
-    def drafts_with(self) -> str:
-        """What proposes the draft tokens: a trained drafter, or prompt lookup alone."""
-        return "drafter" if self.drafter else "lookup"
+        draft_model = (self.draft_model.file, self.draft_model.kernel_file) if self.draft_model else ()
+        return [f for f in (self.target.file, self.target.kernel_file, *drafter, *draft_model) if f]
 
 
 def sha256_of(path: Path) -> str:

@@ -25,12 +25,14 @@ class Target:
     from the shared KV buffers, explicit positions, and an additive bias over past + new rows.
     """
 
-    def __init__(self, path: Path, spec: GraphSpec, threads: int | None, kernels: bool = True):
+    def __init__(self, path: Path, spec: GraphSpec, threads: int | None, kernels: bool = True, device: str = "cpu",
+                 role: str = "target"):
         """`path`: the graph on ORT's own kernels; `kernels`: run the manifest's `kernel_file` instead where
-        dovetail's kernels build on this machine (runtime/kernels.py)."""
+        dovetail's kernels build on this machine (runtime/kernels.py). `device`: where the session runs (a draft
+        model may run on CUDA; its KV cache stays in host memory, bound by pointer)."""
         self.spec = spec
         graph, libraries = path, ()
-        if kernels and spec.kernel_file:
+        if kernels and spec.kernel_file and device != "cuda":
             library, why = rows_library()
             if library:
                 graph, libraries = path.with_name(spec.kernel_file), (library,)
@@ -48,9 +50,9 @@ class Target:
         # Draft shapes whose rows equal sequential decoding on the graph that runs: trees on dovetail's attention.
         self.verify = spec.kernel_verify or spec.verify if libraries else spec.verify
         self.chains_why = CHAINS_UNCHECKED if libraries and not spec.kernel_verify else CHAINS_ON_ORT
-        self.session, self.device = open_session(graph, "cpu", threads, "target", libraries=libraries)
+        self.session, self.device = open_session(graph, device, threads, role, libraries=libraries)
         names = SharedKVCache.graph_names(spec.num_layers)
-        check_io(self.session, "target",
+        check_io(self.session, role,
                  {"input_ids": {}, "attention_mask": {}, "position_ids": {}, "attention_bias": {},
                   **({"attention_bias_local": {}} if spec.sliding_window else {}),
                   **{past: {1: spec.kv_heads, 3: spec.head_dim} for past, _ in names}},
@@ -130,8 +132,10 @@ class Target:
         self.kv.bind(self.binding)
         self._bound_rows = 0
 
-    def forward(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Run `tokens` after the kept past; `mask` `[1, 1, S, S]` is additive among them (the past is visible).
+    def forward(self, tokens: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+                drafted: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Run `tokens` after the kept past; `mask` `[1, 1, S, S]` is additive among them (the past is visible, but
+        for `drafted` `[S, D]`: an additive mask over the past's last D rows, a draft tree's earlier levels).
         Returns views (logits [S, V], hidden [S, H]) valid until the next call.
 
         Quantized graphs get padding rows: in their attention when S is 1 (`attention_rows` 2), and in the whole
@@ -144,6 +148,8 @@ class Target:
         bias = self.bias[: attention_rows * total].reshape(attention_rows, total)
         bias[:, :past] = 0.0
         bias[:, past:] = MASKED
+        if drafted is not None:
+            bias[:seq, past - drafted.shape[1] : past] = drafted
         bias[:seq, past : past + seq] = mask[0, 0]
         self.ids[:seq] = tokens
         self.positions[:seq] = positions
