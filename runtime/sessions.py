@@ -30,6 +30,13 @@ def gpu_driver() -> bool:
     return True
 
 
+def wants_cuda(device: str) -> bool:
+    """Whether a session on `device` asks ONNX Runtime for CUDA: `cuda` always (and is refused where it cannot
+    run), `auto` where the CUDA provider is there and a GPU driver loads."""
+    listed = "CUDAExecutionProvider" in ort.get_available_providers()
+    return device == "cuda" or device == "auto" and listed and gpu_driver()
+
+
 def usable_cores() -> int:
     """Cores this process may run on (a container's affinity, not the host's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -68,7 +75,7 @@ def open_session(path: Path, device: str, threads: int | None, role: str, spin: 
         why = "this ONNX Runtime has no CUDA provider" if not cuda_listed else "no GPU driver (libcuda.so.1) is found"
         raise DovetailError(f"{role} asked for CUDA but {why}; install onnxruntime-gpu on a machine with an NVIDIA "
                             "GPU, or pass --draft-device cpu")
-    want_cuda = device != "cpu" and cuda_listed and gpu_driver()
+    want_cuda = wants_cuda(device)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
     options = session_options(threads, spin, libraries)
     try:

@@ -10,7 +10,7 @@ from dovetail_onnx.runtime.buffers import FLOAT, PREFILL_CHUNK, SharedKVCache
 from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.kernels import rows_library
 from dovetail_onnx.runtime.manifest import CHAINS_ON_ORT, CHAINS_UNCHECKED, GraphSpec
-from dovetail_onnx.runtime.sessions import check_io, open_session
+from dovetail_onnx.runtime.sessions import check_io, open_session, wants_cuda
 from dovetail_onnx.runtime.tree import MASKED, causal
 
 ROW_STEPS = (1, 2, 4)  # row multiples tried, fewest padding rows first
@@ -32,7 +32,7 @@ class Target:
         model may run on CUDA; its KV cache stays in host memory, bound by pointer)."""
         self.spec = spec
         graph, libraries = path, ()
-        if kernels and spec.kernel_file and device != "cuda":
+        if kernels and spec.kernel_file and not wants_cuda(device):  # dovetail's kernels are CPU operators
             library, why = rows_library()
             if library:
                 graph, libraries = path.with_name(spec.kernel_file), (library,)

@@ -89,3 +89,21 @@ def test_a_draft_model_with_another_tokenizer_is_refused(hf_dirs, tmp_path):
 def test_a_draft_model_and_a_drafter_are_one_too_many(hf_dirs, tmp_path):
     fails(["export", str(hf_dirs["llama"]), "-o", str(tmp_path / "out"), "--draft-model", str(hf_dirs["qwen2"]),
            "--drafter", "random"], "drop --drafter")
+
+
+def test_where_cuda_is_asked_for_the_draft_model_runs_its_plain_graph_and_says_when_it_fell_back(drafted, monkeypatch,
+                                                                                                 caplog):
+    """dovetail's kernels are CPU operators: a draft model bound for CUDA takes the graph without them. Here a GPU
+    driver is pretended and ONNX Runtime's CUDA provider cannot start, so it drafts on the CPU and says so."""
+    import onnxruntime as ort
+
+    from dovetail_onnx.runtime import sessions
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has no CUDA provider")
+    monkeypatch.setattr(sessions, "gpu_driver", lambda: True)
+    model = Model(drafted["other"].manifest.folder, draft_device="auto", threads=1)
+    if model.drafter.device == "cuda":
+        pytest.skip("a GPU is usable here")
+    assert model.drafter.graph == "draft.onnx" and model.target.graph.name == "target.rows.onnx"
+    assert "draft model fell back to the CPU" in caplog.text
