@@ -33,7 +33,8 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[
 
 
 def build_manifest(model, tokenizer, target: GraphSpec, drafter: Drafter | None, tree: TreeSettings,
-                   draft_vocab: int, cpu_drafter: bool, folder: Path, draft_model: GraphSpec | None = None) -> dict:
+                   draft_vocab: int, cpu_drafter: bool, folder: Path, draft_model: GraphSpec | None = None,
+                   draft_context: int | None = None) -> dict:
     c, d = model.config, drafter and drafter.config
     graphs = ["target.onnx"] + (["drafter.onnx"] + (["drafter.int8.onnx"] if cpu_drafter else [])) * bool(drafter)
     graphs += [draft_model.file] if draft_model else []
@@ -53,7 +54,8 @@ def build_manifest(model, tokenizer, target: GraphSpec, drafter: Drafter | None,
         "eos_token_ids": eos_ids(model, tokenizer),
         "special_tokens": {k: str(v) for k, v in (("bos_token", tokenizer.bos_token), ("eos_token", tokenizer.eos_token)) if v},
         "chat_template": tokenizer.chat_template,
-        "context_length": c.max_position_embeddings,
+        # A draft model reads the whole text too: the shorter of the two contexts bounds a generation.
+        "context_length": min(c.max_position_embeddings, draft_context or c.max_position_embeddings),
         "tree": asdict(tree),
         "drafter_target": d and d.target,
         "source": target_source(model, tokenizer),
@@ -103,11 +105,11 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
             for stale in ("drafter.onnx", "drafter.onnx.data", "drafter.int8.onnx", "drafter.int8.onnx.data",
                           "draft.onnx", "draft.onnx.data", "draft.rows.onnx"):
                 (out / stale).unlink(missing_ok=True)
-            draft_graph = None
+            draft_graph, draft_context = None, None
             if draft_model is not None:
                 status.update("building draft.onnx (the draft model) and checking it")
-                draft_graph = export_draft_model(draft_model, model, tokenizer, out / "draft.onnx", precision,
-                                                 block_size, console)
+                draft_graph, draft_context = export_draft_model(draft_model, model, tokenizer, out / "draft.onnx",
+                                                                precision, block_size, console)
             if draft:
                 status.update("exporting drafter.onnx")
                 draft_vocab = draft.config.draft_vocab_size if draft_vocab is None else draft_vocab
@@ -118,7 +120,7 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
             status.update("writing tokenizer and manifest")
             tokenizer.save_pretrained(out)
             manifest = build_manifest(model, tokenizer, target_graph, draft, tree, draft_vocab, cpu_drafter, out,
-                                      draft_graph)
+                                      draft_graph, draft_context)
             partial = out / f"{MANIFEST}.partial"
             partial.write_text(json.dumps(manifest, indent=2) + "\n")
             partial.replace(out / MANIFEST)
@@ -127,10 +129,10 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
 
 
 def export_draft_model(source: str | Path, target: PreTrainedModel, tokenizer, path: Path, precision: str,
-                       block_size: int | None, console: Console) -> GraphSpec:
+                       block_size: int | None, console: Console) -> tuple[GraphSpec, int]:
     """The draft model's graph, in the target's contract and precision (a gguf target's draft model keeps its own
-    file's blocks when it is a GGUF too, else it takes int4). Its tokens must be the target's: the same vocabulary,
-    every string at the same id."""
+    file's blocks when it is a GGUF too, else it takes int4), and its context length. Its tokens must be the
+    target's: the same vocabulary, every string at the same id."""
     draft, draft_tokenizer = load_target(source)
     if draft.config.vocab_size != target.config.vocab_size or draft_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise DovetailError(f"the draft model {source} has another tokenizer than the target (vocabulary "
@@ -140,7 +142,8 @@ def export_draft_model(source: str | Path, target: PreTrainedModel, tokenizer, p
         console.print(f"draft model: {source} is no GGUF, so it takes int4 weights", soft_wrap=True)
         precision, block_size = "int4", None
     with gguf_file(source) if precision == "gguf" else nullcontext() as gguf:
-        return export_target(draft, draft_tokenizer, path, precision, block_size, gguf)
+        return (export_target(draft, draft_tokenizer, path, precision, block_size, gguf),
+                draft.config.max_position_embeddings)
 
 
 def shipped_drafter(model, tokenizer, precision: str = "fp32") -> Path | None:

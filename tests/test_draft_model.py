@@ -107,3 +107,15 @@ def test_where_cuda_is_asked_for_the_draft_model_runs_its_plain_graph_and_says_w
         pytest.skip("a GPU is usable here")
     assert model.drafter.graph == "draft.onnx" and model.target.graph.name == "target.rows.onnx"
     assert "draft model fell back to the CPU" in caplog.text
+
+
+def test_a_draft_model_with_a_shorter_context_bounds_the_artifacts(hf_dirs, tmp_path):
+    import transformers
+
+    short = save_model("llama", tmp_path / "short", seed=1)
+    config = transformers.AutoConfig.from_pretrained(short)
+    config.max_position_embeddings = 128
+    config.save_pretrained(short)
+    export(hf_dirs["llama"], tmp_path / "art", "--draft-model", str(short))
+    assert Model(tmp_path / "art").manifest.context_length == 128
+    fails(["generate", str(tmp_path / "art"), "--prompt", "x" * 200, "--raw"], "exceeds the model's context of 128")
