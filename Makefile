@@ -12,7 +12,7 @@ THREADS ?= $(shell nproc)
 .PHONY: install demo test
 
 # The package's own files: a change to any of them reinstalls it.
-SOURCES := $(shell git ls-files __init__.py setup.py cli export runtime 2>/dev/null)
+SOURCES := $(shell git ls-files __init__.py setup.py cli export runtime serve 2>/dev/null)
 
 # torch goes in first, pinned: pip then never reaches for a CUDA build of it.
 $(VENV)/.deps: pyproject.toml

@@ -34,7 +34,7 @@ def serve(artifact, host, port, max_queue, api_key, draft_device, threads):
     try:
         import uvicorn
 
-        from dovetail_onnx.runtime.server import create_app
+        from dovetail_onnx.serve.app import create_app
     except ImportError:
         raise DovetailError("serve needs FastAPI and uvicorn: pip install 'dovetail-onnx[serve]'") from None
     model = Model(artifact, draft_device=draft_device, threads=threads)

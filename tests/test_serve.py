@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 
 from dovetail_onnx.runtime import GeneratorParams, Model, generate
-from dovetail_onnx.runtime.server import MAX_BODY_BYTES, create_app
+from dovetail_onnx.serve.app import MAX_BODY_BYTES, create_app
 
 NAME = "tiny"
 KEY = "sk-test"
@@ -268,3 +268,28 @@ def test_a_client_that_disconnects_mid_stream_frees_the_model(artifacts, referen
         out = openai.OpenAI(base_url=f"{address}/v1", api_key="none", max_retries=0).chat.completions.create(
             model=NAME, messages=chat_messages("after"), max_tokens=24, temperature=0)
         assert out.choices[0].message.content == text
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line of Prometheus' text format (`name{labels} value`)."""
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name)))
+
+
+def test_metrics_count_requests_tokens_and_time_to_first_token(url, client):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    before = httpx.get(f"{url}/metrics", headers=headers)
+    assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
+    finished = metric(before.text, 'dovetail_requests_total{finish_reason="length"}') if \
+        'dovetail_requests_total{finish_reason="length"}' in before.text else 0.0
+    tokens = metric(before.text, "dovetail_generation_tokens_total")
+    ttft = metric(before.text, "dovetail_time_to_first_token_seconds_count")
+    for _ in range(2):
+        client.chat.completions.create(model=NAME, messages=chat_messages("metrics"), max_tokens=12, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    after = httpx.get(f"{url}/metrics", headers=headers).text
+    assert metric(after, 'dovetail_requests_total{finish_reason="length"}') == finished + 2
+    assert metric(after, "dovetail_generation_tokens_total") == tokens + 2 * 11  # the first token is the prefill's
+    assert metric(after, "dovetail_time_to_first_token_seconds_count") == ttft + 2
+    assert metric(after, "dovetail_target_forwards_total") > 0
+    assert metric(after, "dovetail_requests_running") == 0 and metric(after, "dovetail_requests_waiting") == 0
+    assert httpx.get(f"{url}/metrics").status_code == 401  # like every route but /health, behind the key

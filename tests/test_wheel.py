@@ -31,7 +31,7 @@ def test_the_wheel_holds_the_kernels_and_builds_quietly(wheel):
     assert built.name.endswith("-py3-none-linux_x86_64.whl")  # one platform wheel for every Python version
     names = zipfile.ZipFile(built).namelist()
     assert f"dovetail_onnx/runtime/kernels/{library_name()}" in names
-    assert "dovetail_onnx/setup.py" not in names and not any(n.split("/")[0] in ("export", "runtime", "cli")
+    assert "dovetail_onnx/setup.py" not in names and not any(n.split("/")[0] in ("export", "runtime", "serve", "cli")
                                                               for n in names)
 
 

@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2.exceptions import TemplateError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
@@ -30,6 +30,7 @@ from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.generator import Generator, GeneratorParams, Model
 from dovetail_onnx.runtime.sampling import SamplingParams
 from dovetail_onnx.runtime.tokenizer import StreamDecoder, Tokenizer
+from dovetail_onnx.serve.metrics import Metrics
 
 MAX_BODY_BYTES = 1 << 20
 # How often a request waiting for its first token checks that its client is still there.
@@ -132,6 +133,7 @@ class Job:
 
     def __init__(self, prompt: list[int], params: GeneratorParams, stop: list[str]):
         self.prompt, self.params, self.stop = prompt, params, stop
+        self.arrived = time.perf_counter()
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -142,7 +144,7 @@ class Job:
         except RuntimeError:  # the event loop has closed: nobody is listening
             self.cancelled.set()
 
-    def run(self, model: Model) -> None:
+    def run(self, model: Model, metrics: Metrics) -> None:
         if self.cancelled.is_set():
             return
         try:
@@ -152,14 +154,20 @@ class Job:
             return
         text = StopText(model.tokenizer, self.stop)
         try:
+            first = True
             while not generator.is_done() and not text.stopped and not self.cancelled.is_set():
                 self._text(text.push(generator.generate_next_token()))
+                if first:  # the prefill's token
+                    metrics.ttft.observe(time.perf_counter() - self.arrived)
+                    first = False
             self._text(text.finish())
             tokens, params = generator.tokens, generator.params
             eos = bool(tokens) and params.stop_at_eos and tokens[-1] in params.eos_token_ids
             stats = {**generator.stats.as_dict(), "target_provider": model.target.session.get_providers()[0],
                      "draft_provider": model.draft_provider, "mode": params.mode}
-            self.send("done", Result("stop" if text.stopped or eos else "length", len(self.prompt), len(tokens), stats))
+            reason = "stop" if text.stopped or eos else "length"
+            metrics.finished(reason, stats, len(self.prompt))
+            self.send("done", Result(reason, len(self.prompt), len(tokens), stats))
         except Exception as exc:  # one line to the client; the server goes on
             self.send("error", f"generation failed: {type(exc).__name__}: {exc}")
         finally:
@@ -177,6 +185,8 @@ class Worker:
         self.model, self.max_queue = model, max_queue
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.pending = 0  # submitted and not finished: the running job and those waiting
+        self.running = 0
+        self.metrics = Metrics(running=lambda: self.running, waiting=lambda: self.pending - self.running)
         self.count = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="dovetail-worker", daemon=True)
 
@@ -191,11 +201,13 @@ class Worker:
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
+            self.running = 1
             try:
-                job.run(self.model)
+                job.run(self.model, self.metrics)
             finally:
                 with self.count:
                     self.pending -= 1
+                    self.running = 0
 
     def stop(self) -> None:
         self.jobs.put(None)
@@ -231,7 +243,7 @@ class BodyLimit:
 
 
 def create_app(model: Model, name: str, max_queue: int = 16, api_key: str | None = None) -> FastAPI:
-    """The app serving `model` as `name`: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    """The app serving `model` as `name`: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
     worker = Worker(model, max_queue)
 
     @asynccontextmanager
@@ -279,6 +291,11 @@ def create_app(model: Model, name: str, max_queue: int = 16, api_key: str | None
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "pending": worker.pending}
+
+    @app.get("/metrics", dependencies=[Depends(authorized)])
+    async def metrics() -> Response:
+        body, content_type = worker.metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict:
