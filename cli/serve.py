@@ -24,24 +24,30 @@ threads_option = click.option("--threads", type=Threads(),
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all interfaces).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
-              help="Requests that may wait while one generates; past that they get HTTP 429.")
+              help="Requests that may wait while others generate; past that they get HTTP 429.")
+@click.option("--max-batch", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Requests that generate together, one target forward a step for all (where the artifact batches "
+                   "exactly: dovetail's kernels); 1 runs one at a time.")
 @click.option("--api-key", envvar="DOVETAIL_API_KEY",
               help="Require 'Authorization: Bearer KEY' on every route but /health [env: DOVETAIL_API_KEY].")
 @draft_device_option
 @threads_option
-def serve(artifact, host, port, max_queue, api_key, draft_device, threads):
+def serve(artifact, host, port, max_queue, max_batch, api_key, draft_device, threads):
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     try:
         import uvicorn
 
         from dovetail_onnx.serve.app import create_app
+        from dovetail_onnx.runtime.batch import batchable
     except ImportError:
         raise DovetailError("serve needs FastAPI and uvicorn: pip install 'dovetail-onnx[serve]'") from None
     model = Model(artifact, draft_device=draft_device, threads=threads)
     name = model.manifest.folder.resolve().name
-    click.echo(f"serving {name} on http://{host}:{port}/v1 (draft on {model.draft_provider})",
-               err=True)
-    uvicorn.run(create_app(model, name, max_queue, api_key), host=host, port=port, log_level="info")
+    why = batchable(model)
+    batching = f"up to {max_batch} requests at once" if max_batch > 1 and not why else \
+        f"one request at a time{f' ({why})' if max_batch > 1 else ''}"
+    click.echo(f"serving {name} on http://{host}:{port}/v1, {batching} (draft on {model.draft_provider})", err=True)
+    uvicorn.run(create_app(model, name, max_queue, api_key, max_batch), host=host, port=port, log_level="info")
 
 
 @click.command(cls=Command)

@@ -47,6 +47,7 @@ class Target:
                 log.warning(f"the quantized target runs onnxruntime's MatMulNBits and attention, not dovetail's kernels "
                             f"({why}), so verify rows cost more")
         self.graph = graph
+        self.kernels = bool(libraries)  # dovetail's kernels run it: every row computed alike, whatever runs with it
         # Draft shapes whose rows equal sequential decoding on the graph that runs: trees on dovetail's attention.
         self.verify = spec.kernel_verify or spec.verify if libraries else spec.verify
         self.chains_why = CHAINS_UNCHECKED if libraries and not spec.kernel_verify else CHAINS_ON_ORT

@@ -26,6 +26,7 @@ from jinja2.exceptions import TemplateError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from dovetail_onnx.runtime.batch import BatchEngine, Sequence, batchable
 from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.generator import Generator, GeneratorParams, Model
 from dovetail_onnx.runtime.sampling import SamplingParams
@@ -145,6 +146,7 @@ class Job:
             self.cancelled.set()
 
     def run(self, model: Model, metrics: Metrics) -> None:
+        """The whole generation, alone on the model (Worker)."""
         if self.cancelled.is_set():
             return
         try:
@@ -152,26 +154,34 @@ class Job:
         except DovetailError as exc:
             self.send("error", str(exc))
             return
-        text = StopText(model.tokenizer, self.stop)
+        self.begin(model)
         try:
-            first = True
-            while not generator.is_done() and not text.stopped and not self.cancelled.is_set():
-                self._text(text.push(generator.generate_next_token()))
-                if first:  # the prefill's token
-                    metrics.ttft.observe(time.perf_counter() - self.arrived)
-                    first = False
-            self._text(text.finish())
-            tokens, params = generator.tokens, generator.params
-            eos = bool(tokens) and params.stop_at_eos and tokens[-1] in params.eos_token_ids
-            stats = {**generator.stats.as_dict(), "target_provider": model.target.session.get_providers()[0],
-                     "draft_provider": model.draft_provider, "mode": params.mode}
-            reason = "stop" if text.stopped or eos else "length"
-            metrics.finished(reason, stats, len(self.prompt))
-            self.send("done", Result(reason, len(self.prompt), len(tokens), stats))
+            while not generator.is_done() and not self.text.stopped and not self.cancelled.is_set():
+                self.push(generator.generate_next_token(), metrics)
+            self.finish(model, metrics, generator.tokens, generator.params, generator.stats.as_dict())
         except Exception as exc:  # one line to the client; the server goes on
             self.send("error", f"generation failed: {type(exc).__name__}: {exc}")
         finally:
             generator.close()
+
+    def begin(self, model: Model) -> None:
+        self.text, self.first = StopText(model.tokenizer, self.stop), True
+
+    def push(self, tokens: list[int], metrics: Metrics) -> None:
+        """Tokens a step added: their text, held back while it could still be a stop string's start."""
+        self._text(self.text.push(tokens))
+        if self.first and tokens:  # the prefill's token
+            metrics.ttft.observe(time.perf_counter() - self.arrived)
+            self.first = False
+
+    def finish(self, model: Model, metrics: Metrics, tokens: list[int], params: GeneratorParams, stats: dict) -> None:
+        self._text(self.text.finish())
+        eos = bool(tokens) and params.stop_at_eos and tokens[-1] in params.eos_token_ids
+        stats = {**stats, "target_provider": model.target.session.get_providers()[0],
+                 "draft_provider": model.draft_provider, "mode": params.mode}
+        reason = "stop" if self.text.stopped or eos else "length"
+        metrics.finished(reason, stats, len(self.prompt))
+        self.send("done", Result(reason, len(self.prompt), len(tokens), stats))
 
     def _text(self, piece: str) -> None:
         if piece:
@@ -180,6 +190,8 @@ class Job:
 
 class Worker:
     """Runs jobs one at a time on a thread of its own, first come first served; at most `max_queue` wait."""
+
+    slots = 1  # jobs generating at once
 
     def __init__(self, model: Model, max_queue: int):
         self.model, self.max_queue = model, max_queue
@@ -192,8 +204,8 @@ class Worker:
 
     def submit(self, job: Job) -> None:
         with self.count:
-            if self.pending > self.max_queue:
-                raise APIError(429, f"the server is busy: {self.pending - 1} requests are waiting already "
+            if self.pending >= self.max_queue + self.slots:
+                raise APIError(429, f"the server is busy: {self.pending - self.slots} requests are waiting already "
                                     f"(--max-queue {self.max_queue}); retry later", code="rate_limit_exceeded",
                                kind="rate_limit_error")
             self.pending += 1
@@ -212,6 +224,65 @@ class Worker:
     def stop(self) -> None:
         self.jobs.put(None)
         self.thread.join(timeout=30)
+
+
+class BatchWorker(Worker):
+    """Continuous batching (runtime/batch.py): up to `slots` jobs generate together, one target forward a step
+    for all of them; a job that arrives meanwhile joins at the next step, first come first served, and one that
+    finishes, stops or is cancelled leaves at once."""
+
+    def __init__(self, model: Model, max_queue: int, slots: int):
+        super().__init__(model, max_queue)
+        self.slots = slots
+        self.engine = BatchEngine(model)
+
+    def _run(self) -> None:
+        running: dict[Sequence, Job] = {}
+        while True:
+            while len(running) < self.slots:
+                try:  # wait for work only when there is nothing to step
+                    job = self.jobs.get(block=not running)
+                except queue.Empty:
+                    break
+                if job is None:
+                    self.engine.close()
+                    return
+                self._admit(job, running)
+            self.running = len(running)
+            if not running:
+                continue
+            try:
+                for seq, tokens in self.engine.step().items():
+                    running[seq].push(tokens, self.metrics)
+            except Exception as exc:  # one line to each client; the server goes on
+                for seq, job in list(running.items()):
+                    job.send("error", f"generation failed: {type(exc).__name__}: {exc}")
+                    self._leave(seq, running)
+                continue
+            for seq, job in list(running.items()):
+                if seq.done or job.text.stopped or job.cancelled.is_set():
+                    job.finish(self.model, self.metrics, seq.tokens, seq.params, seq.stats.as_dict())
+                    self._leave(seq, running)
+
+    def _admit(self, job: Job, running: dict[Sequence, Job]) -> None:
+        if not job.cancelled.is_set():
+            try:
+                seq = self.engine.add(job.prompt, job.params)
+            except DovetailError as exc:
+                job.send("error", str(exc))
+            else:
+                job.begin(self.model)
+                running[seq] = job
+                return
+        with self.count:
+            self.pending -= 1
+
+    def _leave(self, seq: Sequence, running: dict[Sequence, Job]) -> None:
+        self.engine.remove(seq)
+        del running[seq]
+        with self.count:
+            self.pending -= 1
+            self.running = len(running)
 
 
 class BodyLimit:
@@ -242,9 +313,13 @@ class BodyLimit:
         return APIError(413, f"request body over {self.limit} bytes", code="request_too_large")
 
 
-def create_app(model: Model, name: str, max_queue: int = 16, api_key: str | None = None) -> FastAPI:
-    """The app serving `model` as `name`: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
-    worker = Worker(model, max_queue)
+def create_app(model: Model, name: str, max_queue: int = 16, api_key: str | None = None,
+               max_batch: int = 4) -> FastAPI:
+    """The app serving `model` as `name`: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+    Up to `max_batch` requests generate together where the artifact batches exactly (runtime/batch.py), else one
+    at a time."""
+    batched = max_batch > 1 and batchable(model) is None
+    worker = BatchWorker(model, max_queue, max_batch) if batched else Worker(model, max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -384,7 +459,10 @@ class Reply:
 
 
 async def _events(job: Job, request: Request) -> AsyncIterator[tuple[str, object]]:
-    """The job's events until it ends or the client goes away; either way the job is cancelled when this ends."""
+    """The job's events until it ends or the client goes away; either way the job is cancelled when this ends.
+    Whether the client is still there is asked every POLL_S at most: the question costs the event loop a task
+    group, which a batch of requests streaming tokens would otherwise pay for every piece of text."""
+    checked = time.monotonic()
     try:
         while True:
             try:
@@ -392,10 +470,15 @@ async def _events(job: Job, request: Request) -> AsyncIterator[tuple[str, object
             except TimeoutError:
                 if await request.is_disconnected():
                     return
+                checked = time.monotonic()
                 continue
             yield kind, value
-            if kind != "text" or await request.is_disconnected():
+            if kind != "text":
                 return
+            if time.monotonic() - checked >= POLL_S:
+                if await request.is_disconnected():
+                    return
+                checked = time.monotonic()
     finally:
         job.cancelled.set()
 

@@ -40,15 +40,18 @@ def serving(model: Model, **options):
         sock.close()
 
 
-def slowed(model: Model, seconds: float) -> None:
-    """Every target forward of `model` takes `seconds` longer: requests overlap without depending on timing luck."""
-    forward = model.target.forward
+def slowed(model: Model, seconds: float) -> list[float]:
+    """Every target forward of `model` takes `seconds` longer: requests overlap without depending on timing luck.
+    Returns the list each forward appends its time to."""
+    forward, calls = model.target.forward, []
 
-    def slow(*args):
+    def slow(*args, **kwargs):
+        calls.append(time.monotonic())
         time.sleep(seconds)
-        return forward(*args)
+        return forward(*args, **kwargs)
 
     model.target.forward = slow
+    return calls
 
 
 @pytest.fixture(scope="module")
@@ -224,12 +227,14 @@ def test_eight_concurrent_clients_all_answered_correctly(client, reference):
         assert list(pool.map(ask, range(8))) == expected
 
 
-def test_past_the_queue_requests_get_429_and_the_rest_are_correct(artifacts, reference):
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_past_the_queue_requests_get_429_and_the_rest_are_correct(artifacts, reference, max_batch):
+    """At most `max_batch` generate and 2 wait; 8 at once leave some refused, whether they run alone or batched."""
     model = Model(artifacts["llama"], draft_device="cpu", threads=1)
     slowed(model, 0.01)
     texts = [f"queue {i}" for i in range(8)]
     expected = [reference(chat_messages(t))[0] for t in texts]
-    with serving(model, max_queue=2) as address:
+    with serving(model, max_queue=2, max_batch=max_batch) as address:
         slow_client = openai.OpenAI(base_url=f"{address}/v1", api_key="none", max_retries=0, timeout=60)
 
         def ask(i: int) -> str:
@@ -248,22 +253,21 @@ def test_past_the_queue_requests_get_429_and_the_rest_are_correct(artifacts, ref
 
 def test_a_client_that_disconnects_mid_stream_frees_the_model(artifacts, reference):
     model = Model(artifacts["llama"], draft_device="cpu", threads=1)
-    slowed(model, 0.02)
+    forwards = slowed(model, 0.02)
     body = {"messages": chat_messages("a long story"), "max_tokens": 400, "ignore_eos": True, "temperature": 0,
             "stream": True}
     with serving(model) as address:
-        prompt = len(model.tokenizer.chat(body["messages"]))
         with httpx.stream("POST", f"{address}/v1/chat/completions", json=body, timeout=30) as answer:
             lines = answer.iter_lines()  # kept: a dropped iterator would close the connection already
             assert next(lines).startswith("data: ")  # the role chunk
             deadline = time.monotonic() + 10
-            while len(model.history) < prompt + 10 and time.monotonic() < deadline:
+            while len(forwards) < 10 and time.monotonic() < deadline:
                 time.sleep(0.01)  # mid-generation (the tiny model's random bytes may not print as text yet)
         deadline = time.monotonic() + 10
         while httpx.get(f"{address}/health").json()["pending"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert httpx.get(f"{address}/health").json()["pending"] == 0
-        assert prompt + 10 <= len(model.history) < prompt + 100  # stopped well before 400 tokens
+        assert 10 <= len(forwards) < 100  # stopped well before 400 tokens
         text, _, _ = reference(chat_messages("after"))
         out = openai.OpenAI(base_url=f"{address}/v1", api_key="none", max_retries=0).chat.completions.create(
             model=NAME, messages=chat_messages("after"), max_tokens=24, temperature=0)
