@@ -76,7 +76,7 @@ class Retained:
 class BatchEngine:
     """Steps every running generation together: `add` one, `step` them all, `remove` one."""
 
-    def __init__(self, model: Model, max_rows: int = PREFILL_CHUNK, capacity: int = 4096):
+    def __init__(self, model: Model, max_rows: int = PREFILL_CHUNK, capacity: int = 1024):
         if why := batchable(model):
             raise DovetailError(f"this artifact cannot batch generations exactly: {why}")
         if not model.lock.acquire(blocking=False):
