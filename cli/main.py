@@ -68,8 +68,8 @@ def default_name(target: str) -> str:
 @click.option("--tune", is_flag=True,
               help="Then time a few trees on this machine and store the fastest as the default (about a minute).")
 @click.option("--threads", type=Threads(), help="Threads for --tune, at most the cores.")
-def export(target, output, drafter, draft_model, drafter_layers, top_k, depth, tree_tokens, min_prob, draft_vocab, cpu_drafter,
-           precision, block_size, tune, threads):
+def export(target, output, drafter, draft_model, drafter_layers, top_k, depth, tree_tokens, min_prob, draft_vocab,
+           cpu_drafter, precision, block_size, tune, threads):
     """Export TARGET (a Hugging Face folder or a .gguf file) and a drafter to ONNX."""
     from dovetail_onnx.export.artifact import LOOKUP_DEPTH, export_artifact  # torch lives only on this path
     from dovetail_onnx.export.target import VERIFY

@@ -71,7 +71,8 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
     """Write target.onnx, drafter.onnx (+ drafter.int8.onnx), tokenizer files and dovetail.json into `out`.
 
     `drafter`: a drafter folder or file, 'random', 'lookup' (none: prompt lookup drafts alone), or None (the shipped
-    drafter trained for this target; prompt lookup alone where none is). `draft_vocab`: tokens the drafter's head scores (0: all; None: the drafter's own setting).
+    drafter trained for this target; prompt lookup alone where none is). `draft_vocab`: tokens the drafter's head
+    scores (0: all; None: the drafter's own setting).
     `cpu_drafter`: also write the int8 drafter the runtime uses when the drafter runs on a CPU.
     `precision`: the target's weights, fp32, int8, int4 or gguf (see export/target.py); `block_size`: an int8 or
     int4 target's weights per scale. `lookup_depth`: the default chain when prompt lookup drafts alone.

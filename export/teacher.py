@@ -1,8 +1,8 @@
 """An exported target as the drafter's teacher: answers and features from the graph the drafter will serve.
 
 By default the PyTorch model makes the training data (export/data.py). A quantized target is its own model:
-int4 SmolLM2 keeps to fp32's greedy answer for 2.4 tokens on average (docs/benchmarks.md), so a drafter distilled from fp32
-proposes what the int4 target no longer says. This teacher runs the artifact's target graph through the
+int4 SmolLM2 keeps to fp32's greedy answer for 2.4 tokens on average (docs/benchmarks.md), so a drafter distilled
+from fp32 proposes what the int4 target no longer says. This teacher runs the artifact's target graph through the
 runtime's own `Target`, so its answers are exactly the artifact's target-only output and its features exactly
 what the runtime hands the drafter. The graph takes one sequence at a time (batch 1, KV in place).
 """

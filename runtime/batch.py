@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from dovetail_onnx.runtime.buffers import FLOAT, PREFILL_CHUNK
 from dovetail_onnx.runtime.errors import DovetailError
-from dovetail_onnx.runtime.generator import GeneratorParams, Model, Stats, _pick
+from dovetail_onnx.runtime.generator import GeneratorParams, Model, Stats, checked, pick
 from dovetail_onnx.runtime.lookup import Copier
-from dovetail_onnx.runtime.tree import MASKED, Tree, causal
+from dovetail_onnx.runtime.tree import MASKED, Tree
 from dovetail_onnx.runtime.verify import accept_greedy, accept_sampled
 
 RETAINED = 4  # finished generations whose rows stay for a next turn to reuse
@@ -95,12 +95,7 @@ class BatchEngine:
         """Admit a generation (checked as `Generator` checks it). Greedy ones reuse the longest prompt prefix a
         finished one left behind."""
         model = self.model
-        params = replace(params, tree=params.tree or model.manifest.tree,
-                         eos_token_ids=params.eos_token_ids or model.manifest.eos_token_ids)
-        params.check(model, len(prompt))
-        vocab = model.manifest.target.vocab_size
-        if bad := [t for t in prompt if not (isinstance(t, (int, np.integer)) and 0 <= t < vocab)]:
-            raise DovetailError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        params = checked(model, params, prompt)
         prompt = np.asarray(prompt, dtype=np.int64)
         keep, source = 0, None
         if params.sampling.greedy:
@@ -212,7 +207,7 @@ class BatchEngine:
         seq.prefilled += len(logits)
         if seq.prefilled < len(seq.prompt):
             return []
-        token = _pick(logits[-1:], seq.params.sampling, seq.rng)
+        token = pick(logits[-1:], seq.params.sampling, seq.rng)
         seq.stats.prefill_s = time.perf_counter() - seq.started
         # The drafter reads (feature of token i, token i + 1): the whole prompt's, then the first token.
         seq.pending_features = np.concatenate(seq.features)

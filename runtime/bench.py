@@ -272,7 +272,8 @@ def tuning_trees(manifest: Manifest, step_ms: tuple[float, ...]) -> list[TreeSet
     default must run on either target graph, so a target that verifies chains on ONNX Runtime's kernels is tuned
     as one."""
     d = manifest.tree
-    if not (manifest.drafter or manifest.draft_model):  # a copied chain is proposed whole: no sizing, and a longer copy costs no drafting
+    # Prompt lookup alone proposes its copy whole: no sizing, and a longer copy costs no drafting.
+    if not (manifest.drafter or manifest.draft_model):
         return [TreeSettings(1, depth, depth + 1, d.min_prob) for depth in (1, 2, 4, 6, 8)]
     if manifest.target.verify == "chain":
         fixed = [TreeSettings(1, depth, depth + 1, d.min_prob) for depth in (1, 2, 3, 4)]

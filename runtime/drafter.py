@@ -114,8 +114,8 @@ class Drafter:
             return self._run(frontier, np.full(len(frontier), stable + level - 1), additive(visible)[None, None], past,
                              parent_rows, None, out)
 
-        return grow_tree(int(tokens[-1]), ids[-1], logps[-1], len(chunk) - 1, replace(self.settings, total_tokens=total),
-                         expand, chain)
+        settings = replace(self.settings, total_tokens=total)
+        return grow_tree(int(tokens[-1]), ids[-1], logps[-1], len(chunk) - 1, settings, expand, chain)
 
 
 def grow_tree(root: int, ids: np.ndarray, logps: np.ndarray, root_row: int, settings: TreeSettings, expand,

@@ -154,13 +154,7 @@ class Generator:
 
     def __init__(self, model: Model, params: GeneratorParams, prompt: list[int]):
         self._holds_model = False
-        params = replace(params, tree=params.tree or model.manifest.tree,
-                         eos_token_ids=params.eos_token_ids or model.manifest.eos_token_ids)
-        params.check(model, len(prompt))
-        vocab = model.manifest.target.vocab_size
-        if bad := [t for t in prompt if not (isinstance(t, (int, np.integer)) and 0 <= t < vocab)]:
-            raise DovetailError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab}); encode text with "
-                                "model.tokenizer")
+        params = checked(model, params, prompt)
         self.model, self.params, self.stats = model, params, Stats()
         self.prompt = np.asarray(prompt, dtype=np.int64)
         self.tokens: list[int] = []
@@ -221,6 +215,18 @@ class Generator:
             yield self.generate_next_token()
 
 
+def checked(model: Model, params: GeneratorParams, prompt: list[int]) -> GeneratorParams:
+    """`params` with the artifact's defaults filled in, checked against the model and the prompt's token ids."""
+    params = replace(params, tree=params.tree or model.manifest.tree,
+                     eos_token_ids=params.eos_token_ids or model.manifest.eos_token_ids)
+    params.check(model, len(prompt))
+    vocab = model.manifest.target.vocab_size
+    if bad := [t for t in prompt if not (isinstance(t, (int, np.integer)) and 0 <= t < vocab)]:
+        raise DovetailError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab}); encode text with "
+                            "model.tokenizer")
+    return params
+
+
 def generate(model: Model, prompt: list[int], params: GeneratorParams) -> tuple[list[int], Stats]:
     generator = Generator(model, params, prompt)
     for _ in generator:
@@ -256,7 +262,7 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     stats.cached_tokens = keep
 
     logits, features = target.prefill(prompt[keep:])
-    token = _pick(logits[None], sampling, rng)
+    token = pick(logits[None], sampling, rng)
     model.history.append(token)
     yield [token]
     # A trained drafter reads (target feature of token i, token i+1): the prompt shifted by one; a draft model reads
@@ -314,7 +320,7 @@ def _target_only(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     model.history = prompt.tolist()
     stats.cached_tokens = keep
     logits, _ = target.prefill(prompt[keep:])
-    token = _pick(logits[None], sampling, rng)
+    token = pick(logits[None], sampling, rng)
     model.history.append(token)
     yield [token]
     visible, first = np.zeros((1, 1, 1, 1), dtype=np.float32), np.arange(1)
@@ -322,14 +328,14 @@ def _target_only(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
         t0 = time.perf_counter()
         logits, _ = target.forward(np.array([token]), np.array([target.kv.length]), visible)
         target.kv.keep(first)
-        token = _pick(logits, sampling, rng)
+        token = pick(logits, sampling, rng)
         stats.verify_s += time.perf_counter() - t0
         stats.target_forwards += 1
         model.history.append(token)
         yield [token]
 
 
-def _pick(logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator) -> int:
+def pick(logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator) -> int:
     """The target's own next token from one row of logits: argmax, or a draw from its distribution."""
     if sampling.greedy:
         return int(logits[0].argmax())

@@ -94,8 +94,9 @@ class TreeSettings:
 EXPORT_TREE = TreeSettings(min_prob=0.4)
 # A quantized target's stored default is a chain (top_k 1; it verifies trees only where dovetail's kernels run, and
 # with the drafter on the CPU chains paid as well: docs/benchmarks.md), of this depth unless told otherwise. On the
-# AVX-512 EPYC (docs/benchmarks.md) int4 SmolLM2 at block 128 runs an even number of rows, so a chain of 3 verifies in the
-# 4 rows a chain of 2 pays for anyway: 1.53-1.57x target-only against 1.40-1.44x for chains of 1 and 2 (two runs).
+# AVX-512 EPYC (docs/benchmarks.md) int4 SmolLM2 at block 128 runs an even number of rows, so a chain of 3
+# verifies in the 4 rows a chain of 2 pays for anyway: 1.53-1.57x target-only against 1.40-1.44x for chains of 1
+# and 2 (two runs).
 # At block 32 chains of 1, 2 and 3 had run within 3 % of one another, and a chain of 7 was slower. On the row kernel
 # (no padding) chains of 3 and 5 ran within 1.5 % of each other at int4 and 2 % at int8, chain 1 9-18 % slower.
 EXPORT_CHAIN_DEPTH = 3
