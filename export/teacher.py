@@ -55,7 +55,7 @@ class ArtifactTeacher:
     def greedy_answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each prompt's greedy answer, as (prompt + answer ids, the final hidden state of each), like
         data.greedy_answers: the last answer token (EOS or the cap) is run once more so its feature is known too."""
-        if batchable(self.model) is None:
+        if batchable(self.model, speculative=False) is None:
             return self._batched_answers(prompts, max_new_tokens)
         rows, target, first = [], self.target, np.arange(1)
         for prompt in prompts:
@@ -75,7 +75,8 @@ class ArtifactTeacher:
     def _batched_answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`greedy_answers` with BATCH prompts decoding at once: a finished answer steps once more, so that its last
         token's row (and feature) is computed; the token that step adds is not part of the answer."""
-        engine, params = BatchEngine(self.model), GeneratorParams(max_new_tokens, mode="target-only")
+        engine = BatchEngine(self.model, speculative=False)
+        params = GeneratorParams(max_new_tokens, mode="target-only")
         order, answers, closing, waiting = {}, {}, {}, list(enumerate(prompts))
         try:
             while waiting or engine.active:

@@ -27,8 +27,8 @@ from dovetail_onnx.runtime.verify import accept_greedy, accept_sampled
 RETAINED = 4  # finished generations whose rows stay for a next turn to reuse
 
 
-def batchable(model: Model) -> str | None:
-    """Why `model` cannot batch generations exactly (None: it can)."""
+def batchable(model: Model, speculative: bool = True) -> str | None:
+    """Why `model` cannot batch generations exactly (None: it can); `speculative` False: target-only ones."""
     target = model.target
     if not target.kernels:
         return "the target runs on ONNX Runtime's kernels, whose rows depend on the rows run with them"
@@ -36,7 +36,7 @@ def batchable(model: Model) -> str | None:
         return "its kernel graph was not checked to verify trees (re-export it)"
     if target.spec.sliding_window:
         return "its attention has a sliding window, which the shared buffer's row order does not give"
-    if model.manifest.draft_model:
+    if speculative and model.manifest.draft_model:
         return "a draft model drafts for it"
     return None
 
@@ -76,12 +76,13 @@ class Retained:
 class BatchEngine:
     """Steps every running generation together: `add` one, `step` them all, `remove` one."""
 
-    def __init__(self, model: Model, max_rows: int = PREFILL_CHUNK, capacity: int = 1024):
-        if why := batchable(model):
+    def __init__(self, model: Model, max_rows: int = PREFILL_CHUNK, capacity: int = 1024, speculative: bool = True):
+        """`speculative` False: every generation decodes target-only (a draft model's artifact batches then too)."""
+        if why := batchable(model, speculative):
             raise DovetailError(f"this artifact cannot batch generations exactly: {why}")
         if not model.lock.acquire(blocking=False):
             raise DovetailError("the model is busy with another generation; load a second Model to batch on")
-        self.model, self.max_rows = model, max_rows
+        self.model, self.max_rows, self.speculative = model, max_rows, speculative
         self.target = model.target
         self.target.start(capacity, max_rows)
         self.target.kv.length = 0
@@ -96,6 +97,8 @@ class BatchEngine:
         finished one left behind."""
         model = self.model
         params = checked(model, params, prompt)
+        if params.mode == "speculative" and not self.speculative:
+            raise DovetailError("this batch decodes target-only; ask for mode='target-only'")
         prompt = np.asarray(prompt, dtype=np.int64)
         keep, source = 0, None
         if params.sampling.greedy:

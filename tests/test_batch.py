@@ -86,6 +86,16 @@ def test_a_next_turn_reuses_the_rows_a_finished_one_left(models):
     assert again == generate(model, second, GeneratorParams(20, stop_at_eos=False))[0]
 
 
+def test_a_target_only_batch_refuses_speculative_generations(models):
+    engine = BatchEngine(models["llama"], speculative=False)
+    try:
+        with pytest.raises(DovetailError, match="decodes target-only"):
+            engine.add([5, 6, 7], GeneratorParams(4))
+        assert engine.add([5, 6, 7], GeneratorParams(4, mode="target-only"))
+    finally:
+        engine.close()
+
+
 def test_only_exact_graphs_batch(models, monkeypatch):
     model = models["llama"]
     assert batchable(model) is None
