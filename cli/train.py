@@ -18,6 +18,9 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
               help="Drafter folder to write (config.json + model.safetensors).")
 @click.option("--fusion", type=click.Choice(["dgf", "eagle"]), default="dgf", show_default=True)
 @click.option("--layers", type=click.IntRange(1, 6), default=1, show_default=True, help="Drafter decoder layers.")
+@click.option("--intermediate-size", type=click.IntRange(0), default=0, show_default=True,
+              help="Width of the drafter layers' MLP (0: the target's). A narrower MLP keeps a large target's "
+                   "drafter small and its forward cheap.")
 @click.option("--steps", type=click.IntRange(1), default=260, show_default=True, help="Optimizer steps.")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop training after this many minutes even if steps remain.")
@@ -66,7 +69,7 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the drafter trains: auto takes a CUDA GPU where PyTorch sees one, else the CPU.")
-def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unroll, ce_weight, regression_weight,
+def train(target, output, fusion, layers, intermediate_size, steps, minutes, batch_tokens, lr, unroll, ce_weight, regression_weight,
           init_from, teacher, distill_prompts, distill_skip, mix, max_new_tokens,
           text_tokens, seq_len, weights, draft_vocab, cache, resume, cached_answers, data_only, threads, seed, device):
     """Train a drafter for TARGET (a Hugging Face folder or a .gguf file) on the target's own outputs."""
@@ -95,7 +98,8 @@ def train(target, output, fusion, layers, steps, minutes, batch_tokens, lr, unro
     if data_only:
         return
 
-    settings = TrainSettings(fusion=fusion, layers=layers, steps=steps, minutes=minutes, batch_tokens=batch_tokens,
+    settings = TrainSettings(fusion=fusion, layers=layers, intermediate_size=intermediate_size, steps=steps,
+                             minutes=minutes, batch_tokens=batch_tokens,
                              lr=lr, unroll=unroll, ce_weight=ce_weight, regression_weight=regression_weight, seed=seed,
                              device=device)
     init = load_drafter(init_from, model, tokenizer) if init_from else None

@@ -51,7 +51,10 @@ class DrafterConfig:
     teacher_precision: str = "fp32"
 
     @classmethod
-    def for_target(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fusion: str, num_layers: int):
+    def for_target(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fusion: str, num_layers: int,
+                   intermediate_size: int = 0):
+        """Shaped like one of the target's layers; `intermediate_size` (0: the target's) narrows the MLP, which
+        holds most of a layer's weights: a 1.5B target's full layer would not fit the 40 MB a drafter ships in."""
         if fusion not in FUSIONS:
             raise DovetailError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
         if not 1 <= num_layers <= 6:
@@ -61,7 +64,7 @@ class DrafterConfig:
             fusion=fusion,
             num_layers=num_layers,
             hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
+            intermediate_size=intermediate_size or c.intermediate_size,
             num_attention_heads=c.num_attention_heads,
             num_key_value_heads=c.num_key_value_heads,
             head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,

@@ -43,6 +43,7 @@ from dovetail_onnx.runtime.errors import DovetailError
 class TrainSettings:
     fusion: str = "dgf"
     layers: int = 1
+    intermediate_size: int = 0  # the drafter MLP's width (0: the target's)
     steps: int = 260
     minutes: float | None = None  # wall-clock cap; stops early (schedule still planned for `steps`)
     batch_tokens: int = 4096
@@ -310,8 +311,9 @@ def save_checkpoint(path: Path, drafter: Drafter, optimizer: torch.optim.Optimiz
 def load_checkpoint(path: Path, drafter: Drafter, optimizer: torch.optim.Optimizer,
                     settings: TrainSettings) -> int:
     state = torch.load(path, map_location="cpu", weights_only=False)
-    saved = {k: v for k, v in state["settings"].items() if k in ("fusion", "layers")}
-    if saved != {"fusion": settings.fusion, "layers": settings.layers}:
+    keys = ("fusion", "layers", "intermediate_size")
+    saved = {k: state["settings"].get(k, 0) for k in keys}
+    if saved != {k: getattr(settings, k) for k in keys}:
         raise DovetailError(f"checkpoint {path} is for {saved}, not this drafter; drop --resume to start over")
     drafter.load_state_dict(state["drafter"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
@@ -328,8 +330,13 @@ def train_drafter(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
     if not train or not heldout:
         raise DovetailError("not enough training data: make more sequences (more prompts or text tokens)")
     torch.manual_seed(settings.seed)
-    drafter = Drafter(DrafterConfig.for_target(target, tokenizer, settings.fusion, settings.layers))
+    drafter = Drafter(DrafterConfig.for_target(target, tokenizer, settings.fusion, settings.layers,
+                                                   settings.intermediate_size))
     if init is not None:
+        if init.config.intermediate_size != drafter.config.intermediate_size:
+            raise DovetailError(f"--init drafter's MLP is {init.config.intermediate_size} wide, not "
+                                f"{drafter.config.intermediate_size}; pass --intermediate-size "
+                                f"{init.config.intermediate_size}")
         if init.config.fusion != settings.fusion or init.config.num_layers > settings.layers:
             raise DovetailError(f"--init drafter is {init.config.fusion} with {init.config.num_layers} layers, "
                                 f"not {settings.fusion} with {settings.layers}; use --fusion {init.config.fusion} "

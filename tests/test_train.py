@@ -205,6 +205,21 @@ def test_added_layers_start_as_the_identity_and_then_learn(target, sequences, tm
         train_drafter(*target, sequences, quick(steps=0), progress=False, init=load_drafter(tmp_path / "deep", *target))
 
 
+def test_a_narrower_mlp_trains_saves_and_must_match_its_init(target, sequences, tmp_path):
+    """--intermediate-size keeps a large target's drafter small; the width travels in config.json, and an --init
+    or a checkpoint of another width is refused in one line."""
+    narrow, _ = train_drafter(*target, sequences, quick(steps=3, intermediate_size=32), tmp_path / "run.pt",
+                              progress=False)
+    assert narrow.layers[0].mlp.up_proj.weight.shape == (32, narrow.config.hidden_size)
+    save_drafter(narrow, tmp_path / "narrow", "int8")
+    loaded = load_drafter(tmp_path / "narrow", *target)
+    assert loaded.config.intermediate_size == 32
+    with pytest.raises(DovetailError, match="--intermediate-size 32"):
+        train_drafter(*target, sequences, quick(steps=0), progress=False, init=loaded)
+    with pytest.raises(DovetailError, match="checkpoint .* is for"):
+        train_drafter(*target, sequences, quick(steps=1), tmp_path / "run.pt", resume=True, progress=False)
+
+
 def test_checkpoint_round_trip(target, sequences, tmp_path):
     drafter, _ = train_drafter(*target, sequences, quick(steps=5), progress=False)
     save_drafter(drafter, tmp_path / "drafter")
