@@ -26,8 +26,10 @@ def own_greedy_sequences(model, count: int = 24, length: int = 48) -> list[Seque
 
 
 def test_trained_drafter_exports_and_stays_exact(hf_dirs, tmp_path, references):
+    """Its MLP narrower than the target's (`train --intermediate-size`, as a large target's drafter is)."""
     target, tokenizer = make_model("llama"), make_tokenizer()
-    settings = TrainSettings(steps=60, batch_tokens=512, warmup=5, checkpoint_every=1000, bf16=False)
+    settings = TrainSettings(steps=60, batch_tokens=512, warmup=5, checkpoint_every=1000, bf16=False,
+                             intermediate_size=48)
     drafter, metrics = train_drafter(target, tokenizer, own_greedy_sequences(target), settings, progress=False)
     save_drafter(drafter, tmp_path / "drafter", "fp16")
 
