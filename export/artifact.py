@@ -149,14 +149,16 @@ def export_draft_model(source: str | Path, target: PreTrainedModel, tokenizer, p
 
 def shipped_drafter(model, tokenizer, precision: str = "fp32") -> Path | None:
     """The drafter shipped in this package that was trained for this very target: the one distilled from a target
-    of this precision if there is one, else the one distilled from fp32; None when none was."""
+    of this precision if there is one, else the one distilled from fp32, else any (a 1.5B target's was distilled
+    from its GGUF artifact: its features are closer to another precision's than no drafter is); None when none
+    was."""
     fingerprint = target_fingerprint(model, tokenizer)
     made = {}
     for config in sorted(SHIPPED.glob("*/config.json")):
         raw = json.loads(config.read_text())
         if raw.get("target") == fingerprint:
             made.setdefault(raw.get("teacher_precision", "fp32"), config.parent)
-    return made.get(precision) or made.get("fp32")
+    return made.get(precision) or made.get("fp32") or next(iter(made.values()), None)
 
 
 def make_drafter(spec: str | None, layers: int, model, tokenizer, console: Console,

@@ -82,3 +82,5 @@ def test_export_prefers_the_drafter_made_for_its_precision(llama, tmp_path, monk
     assert shipped_drafter(*llama, "int4").name == "for-int4"
     assert shipped_drafter(*llama, "int8").name == "general"
     assert shipped_drafter(*llama).name == "general"
+    (tmp_path / "general" / "config.json").unlink()
+    assert shipped_drafter(*llama).name == "for-int4"  # the only one made for this target
