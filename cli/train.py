@@ -1,4 +1,4 @@
-"""`dovetail-onnx train`: make the data from the target, train a drafter, save it (fp16 or int8)."""
+"""`dovetail-onnx train`: make the data from the target, train a drafter, save it (fp16, int8 or int4)."""
 from __future__ import annotations
 
 import os
@@ -53,8 +53,9 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
               help="Teacher-forced text tokens.")
 @click.option("--seq-len", type=click.IntRange(64), default=384, show_default=True,
               help="Longest sequence (prompt + answer); longer prompts are skipped.")
-@click.option("--weights", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
-              help="How the drafter's weights are stored: int8 (per-row scales) halves a drafter whose MLP is large.")
+@click.option("--weights", type=click.Choice(["fp16", "int8", "int4"]), default="fp16", show_default=True,
+              help="How the drafter's weights are stored: int8 (per-row scales) halves a drafter whose MLP is large, "
+                   "int4 (a scale per 32 weights) quarters it.")
 @click.option("--draft-vocab", type=click.IntRange(0), default=16384, show_default=True,
               help="Tokens the exported draft head scores by default, most frequent in the data first (0 = all).")
 @click.option("--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True,
@@ -69,8 +70,8 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the drafter trains: auto takes a CUDA GPU where PyTorch sees one, else the CPU.")
-def train(target, output, fusion, layers, intermediate_size, steps, minutes, batch_tokens, lr, unroll, ce_weight, regression_weight,
-          init_from, teacher, distill_prompts, distill_skip, mix, max_new_tokens,
+def train(target, output, fusion, layers, intermediate_size, steps, minutes, batch_tokens, lr, unroll, ce_weight,
+          regression_weight, init_from, teacher, distill_prompts, distill_skip, mix, max_new_tokens,
           text_tokens, seq_len, weights, draft_vocab, cache, resume, cached_answers, data_only, threads, seed, device):
     """Train a drafter for TARGET (a Hugging Face folder or a .gguf file) on the target's own outputs."""
     # Every batch has a new shape, and oneDNN caches compiled kernels per shape (1,024 by default): on

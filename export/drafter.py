@@ -206,8 +206,10 @@ def rank_tokens(token_ids: list[torch.Tensor], vocab_size: int) -> torch.Tensor:
     return torch.argsort(counts, descending=True, stable=True)
 
 
-WEIGHTS = ("fp32", "fp16", "int8")
+WEIGHTS = ("fp32", "fp16", "int8", "int4")
 SCALE = ".int8_scale"  # suffix of a matrix's per-row scales when it is stored in int8
+SCALE4 = ".int4_scale"  # suffix of a matrix's per-group scales when it is stored in int4
+GROUP = 32  # int4 weights per scale
 
 
 def pack_int8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -227,15 +229,41 @@ def pack_int8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return packed
 
 
+def pack_int4(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Matrices as 4-bit values (two a byte, the even column in the low nibble, stored as q + 8) with one fp16
+    scale per 32 weights of a row; a matrix whose rows do not split into such groups stays int8. A 1.5B target's
+    drafter is 35 MB in int8 and 19 MB like this."""
+    grouped = {k: v for k, v in tensors.items() if v.dim() == 2 and v.shape[1] % GROUP == 0}
+    packed = pack_int8({k: v for k, v in tensors.items() if k not in grouped})
+    for name, tensor in grouped.items():
+        groups = tensor.reshape(tensor.shape[0], -1, GROUP)
+        scale = (groups.abs().amax(dim=2, keepdim=True) / 7).clamp(min=torch.finfo(torch.float16).tiny).half()
+        q = (torch.round(groups / scale.float()).clamp(-7, 7) + 8).to(torch.uint8).reshape(tensor.shape)
+        packed[name] = q[:, 0::2] | q[:, 1::2] << 4
+        packed[name + SCALE4] = scale.squeeze(2)
+    return packed
+
+
 def unpack_int8(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
-    """The inverse of `pack_int8` (tensors without scales pass through); an int8 matrix without its
-    scales would load as raw integers and draft nonsense, so it is refused."""
+    """The inverse of `pack_int8` and `pack_int4` (tensors without scales pass through); a packed matrix without
+    its scales would load as raw integers and draft nonsense, so it is refused."""
     scales = {k.removesuffix(SCALE): v for k, v in state.items() if k.endswith(SCALE)}
-    unscaled = [k for k, v in state.items() if v.dtype == torch.int8 and k not in scales]
+    groups = {k.removesuffix(SCALE4): v for k, v in state.items() if k.endswith(SCALE4)}
+    unscaled = [k for k, v in state.items() if v.dtype in (torch.int8, torch.uint8) and k not in scales | groups]
     if unscaled:
-        raise DovetailError(f"drafter weights at {source} are corrupt: int8 tensor {unscaled[0]} has no "
-                            f"{unscaled[0]}{SCALE}; save the drafter again (`dovetail-onnx train --weights int8`)")
-    return {k: v.float() * scales[k].float() if k in scales else v for k, v in state.items() if not k.endswith(SCALE)}
+        suffix = SCALE if state[unscaled[0]].dtype == torch.int8 else SCALE4
+        raise DovetailError(f"drafter weights at {source} are corrupt: packed tensor {unscaled[0]} has no "
+                            f"{unscaled[0]}{suffix}; save the drafter again (`dovetail-onnx train --weights int8`)")
+
+    def weight(name: str, value: torch.Tensor) -> torch.Tensor:
+        if name in scales:
+            return value.float() * scales[name].float()
+        if name not in groups:
+            return value
+        q = torch.stack((value & 15, value >> 4), dim=2).reshape(value.shape[0], -1).float() - 8
+        return (q.reshape(q.shape[0], -1, GROUP) * groups[name].float()[..., None]).reshape(q.shape)
+
+    return {k: weight(k, v) for k, v in state.items() if not k.endswith((SCALE, SCALE4))}
 
 
 def save_drafter(drafter: Drafter, folder: Path, weights: str = "fp32") -> None:
@@ -247,9 +275,11 @@ def save_drafter(drafter: Drafter, folder: Path, weights: str = "fp32") -> None:
     tensors = {k: v.detach().float() for k, v in drafter.trained_state_dict().items()}
     if weights == "int8":
         tensors = pack_int8(tensors)
+    elif weights == "int4":
+        tensors = pack_int4(tensors)
     elif weights == "fp16":
         tensors = {k: v.half() for k, v in tensors.items()}
-    tensors["token_ranking"] = drafter.token_ranking.to(torch.int64)
+    tensors["token_ranking"] = drafter.token_ranking.to(torch.int32)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
 
 

@@ -256,6 +256,31 @@ def test_int8_weights_round_trip(target, sequences, tmp_path):
         load_drafter(tmp_path / "int8", *target)
 
 
+def test_int4_weights_round_trip(target, sequences, tmp_path):
+    """int4 storage (a scale per 32 weights of a row) keeps the predictions close and stores a byte per two weights;
+    a matrix whose rows do not split into groups of 32 stays int8, and a packed matrix without scales is refused."""
+    drafter, _ = train_drafter(*target, sequences, quick(steps=5, intermediate_size=48), progress=False)
+    save_drafter(drafter, tmp_path / "int4", "int4")
+    stored = load_file(str(tmp_path / "int4" / "model.safetensors"))
+    assert stored["W_z"].dtype == torch.uint8 and stored["W_z"].shape == (128, 32)
+    assert stored["W_z.int4_scale"].shape == (128, 2)
+    assert stored["layers.0.mlp.down_proj.weight"].dtype == torch.int8  # 48 columns: no groups of 32
+    loaded = load_drafter(tmp_path / "int4", *target)
+    assert torch.equal(loaded.token_ranking, drafter.token_ranking)
+    group_max = drafter.W_z.detach().reshape(128, -1, 32).abs().amax(dim=2, keepdim=True)
+    assert ((loaded.W_z - drafter.W_z).reshape(128, -1, 32).abs() <= group_max / 14 + 1e-3).all()
+    batch = collate(sequences[:2])
+    with torch.no_grad():
+        expected = predict(drafter.eval(), batch, unroll=2, noise=0.0)
+        got = predict(loaded.eval(), batch, unroll=2, noise=0.0)
+    for a, b in zip(expected, got):
+        assert (a - b).norm() < 0.2 * a.norm()  # int4 rounding: 1/14 of a group's largest weight
+    del stored["W_z.int4_scale"]
+    save_file(stored, str(tmp_path / "int4" / "model.safetensors"))
+    with pytest.raises(DovetailError, match="W_z has no W_z.int4_scale"):
+        load_drafter(tmp_path / "int4", *target)
+
+
 def test_resume_continues_where_it_stopped(target, sequences, tmp_path, monkeypatch):
     straight, _ = train_drafter(*target, sequences, quick(steps=10), progress=False)
     checkpoint = tmp_path / "run.pt"
