@@ -44,9 +44,11 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
 @click.option("--distill-skip", type=click.IntRange(0), default=0, show_default=True,
               help="Leave out the stream's first prompts (rounded down to whole chunks of 256): an --init drafter "
                    "that saw them trains on fresh answers, and their data need not be made again.")
-@click.option("--mix", type=click.Choice(["general", "code"]), default="general", show_default=True,
+@click.option("--mix", "mixes", type=click.Choice(["general", "code"]), multiple=True, default=["general"],
+              show_default=True,
               help="The prompt stream: general requests, or mostly code to write, explain and test (a code "
-                   "model's drafter). Each mix is its own stream and cache.")
+                   "model's drafter). Each mix is its own stream and cache; repeat it to train on several "
+                   "(the same prompt range of each).")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=128, show_default=True,
               help="Answer length cap for self-distillation.")
 @click.option("--text-tokens", type=click.IntRange(0), default=40_000, show_default=True,
@@ -71,7 +73,7 @@ DEFAULT_CACHE = Path.home() / ".cache" / "dovetail-onnx" / "train"
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the drafter trains: auto takes a CUDA GPU where PyTorch sees one, else the CPU.")
 def train(target, output, fusion, layers, intermediate_size, steps, minutes, batch_tokens, lr, unroll, ce_weight,
-          regression_weight, init_from, teacher, distill_prompts, distill_skip, mix, max_new_tokens,
+          regression_weight, init_from, teacher, distill_prompts, distill_skip, mixes, max_new_tokens,
           text_tokens, seq_len, weights, draft_vocab, cache, resume, cached_answers, data_only, threads, seed, device):
     """Train a drafter for TARGET (a Hugging Face folder or a .gguf file) on the target's own outputs."""
     # Every batch has a new shape, and oneDNN caches compiled kernels per shape (1,024 by default): on
@@ -90,10 +92,13 @@ def train(target, output, fusion, layers, intermediate_size, steps, minutes, bat
         torch.set_num_threads(threads)
     started = time.perf_counter()
     model, tokenizer = load_target(target)
-    data = DataSettings(distill_prompts=distill_prompts, distill_skip=distill_skip, mix=mix,
-                        max_new_tokens=max_new_tokens, text_tokens=text_tokens, seq_len=seq_len, seed=seed)
     artifact = ArtifactTeacher(teacher, model, tokenizer, threads) if teacher else None
-    sequences = make_data(model, tokenizer, cache, data, answer=not cached_answers, teacher=artifact)
+    sequences = []
+    for n, mix in enumerate(dict.fromkeys(mixes)):
+        data = DataSettings(distill_prompts=distill_prompts, distill_skip=distill_skip, mix=mix,
+                            max_new_tokens=max_new_tokens, text_tokens=text_tokens, seq_len=seq_len, seed=seed)
+        sequences += make_data(model, tokenizer, cache, data, answer=not cached_answers, teacher=artifact,
+                               text=n == 0)
     data_s = time.perf_counter() - started
     click.echo(f"data: {describe(sequences)} ({data_s:.0f} s)", err=True)
     if data_only:

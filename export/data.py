@@ -401,13 +401,15 @@ def load_shard(path: Path) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
 
 def make_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: Path,
               settings: DataSettings = DataSettings(), progress: bool = True, answer: bool = True,
-              teacher: ArtifactTeacher | None = None) -> list[Sequence]:
+              teacher: ArtifactTeacher | None = None, text: bool = True) -> list[Sequence]:
     """Build the chunks of data this target and these settings still lack, then load them all.
 
     `answer=False` makes no self-distilled chunk (the costly part): the range's cached ones are used, missing ones
     left out, so training can start on what other processes or sessions have made so far.
     `teacher`: an exported target that answers and gives features in the model's place (export/teacher.py);
     its data has a cache of its own.
+    `text=False` makes and loads no teacher-forced text: it is the same for every mix, so a run over several
+    streams takes it from the first only.
     """
     torch.manual_seed(settings.seed)
     key = target_source(model, tokenizer) | ({"teacher": teacher.digest} if teacher else {})
@@ -444,7 +446,7 @@ def make_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache:
             save_shard(folder / f"distill-{i:05d}.st", rows, [len(p) for p in fits])
     bar.close()
 
-    windows = text_windows(tokenizer, settings)
+    windows = text_windows(tokenizer, settings) if text else []
     todo = [(i, c) for i, c in chunks(windows, settings.chunk) if not (folder / f"text-{i:05d}.st").exists()]
     bar = tqdm(total=sum(len(c) for _, c in todo), desc="teacher-forced text", unit="window", disable=not progress)
     for i, chunk in todo:

@@ -1,6 +1,7 @@
 """Drafter training on a tiny target: data cache, loss going down, unrolled pass, checkpoints."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -136,7 +137,24 @@ def test_code_mix_is_its_own_stream_and_the_general_one_keeps_its_cache_key():
 
     general = data_module.distill_prompts(200, seed=0)
     assert about_code(prompts) > 0.6 * len(prompts) and about_code(prompts) > 2 * about_code(general)
-    assert set(data_module.MIXES) == {c for p in train_command.params if p.name == "mix" for c in p.type.choices}
+    assert set(data_module.MIXES) == {c for p in train_command.params if p.name == "mixes" for c in p.type.choices}
+
+
+def test_several_mixes_read_each_stream_and_the_text_once(tmp_path):
+    """`--mix general --mix code` answers both streams' prompts, each in its own cache; the text is made once."""
+    from click.testing import CliRunner
+
+    folder = save_model("llama", tmp_path / "tiny-llama")
+    cache = tmp_path / "cache"
+    result = CliRunner().invoke(train_command, [
+        str(folder), "-o", str(tmp_path / "d"), "--mix", "general", "--mix", "code", "--distill-prompts", "4",
+        "--max-new-tokens", "4", "--text-tokens", "300", "--seq-len", "128", "--cache", str(cache), "--data-only",
+        "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    folders = {json.loads((f / "settings.json").read_text())["mix"]: f for f in cache.iterdir()}
+    assert set(folders) == {"general", "code"}
+    assert all(list(f.glob("distill-*.st")) for f in folders.values())
+    assert list(folders["general"].glob("text-*.st")) and not list(folders["code"].glob("text-*.st"))
 
 
 def test_training_lowers_the_loss(target, sequences):
