@@ -17,26 +17,42 @@ SHAPES = [(64, 320, 128), (576, 96, 128), (1536, 48, 32), (16, 16, 16)]
 
 
 def node_weights(k: int, n: int, block: int, bits: int, seed: int, zero_points: bool = False,
-                 half: bool = False) -> dict[str, np.ndarray]:
-    """MatMulNBits' B and scales (and float zero points) of random weights; `half`: as a GGUF Q4_1 block has them,
-    fp16 scales d and zero points -m/d of fp16 mins m (the kernel then keeps both in fp16)."""
+                 form: str = "fp32") -> dict[str, np.ndarray]:
+    """MatMulNBits' B and scales (and float zero points) of random weights. `form` "fp16": as a GGUF Q4_1 block
+    has them, fp16 scales d and zero points -m/d of fp16 mins m (the kernel then keeps both in fp16); "stepped": as
+    a Q4_K or Q6_K file's, each 256 weights' scales (and mins) multiples of one fp16 step, the largest 63 steps."""
     rng = np.random.default_rng(seed)
     blocks = -(-k // block)
     weights = {"B": rng.integers(0, 256, size=(n, blocks, block * bits // 8), dtype=np.uint8),
                "scales": rng.random(n * blocks, dtype=np.float32) * 0.02}
-    if half:
+
+    def stepped() -> np.ndarray:
+        group = 256 // block
+        steps = (0.5 + rng.random((n, blocks // group, 1), dtype=np.float32)) * 2e-4
+        steps = steps.astype(np.float16).astype(np.float32)
+        multiples = rng.integers(1, 64, size=(n, blocks // group, group)).astype(np.float32)
+        multiples[:, :, rng.integers(group)] = 63
+        return (steps * multiples).reshape(-1)
+
+    if form == "fp16":
         weights["scales"] = weights["scales"].astype(np.float16).astype(np.float32)
+    elif form == "stepped":
+        weights["scales"] = stepped()
     if zero_points:
         weights["zero_points"] = rng.random(n * blocks, dtype=np.float32) * 2 ** bits
-        if half:
-            mins = (-weights["scales"] * weights["zero_points"]).astype(np.float16).astype(np.float32)
+        if form != "fp32":
+            mins = -stepped() if form == "stepped" else (
+                -weights["scales"] * weights["zero_points"]).astype(np.float16).astype(np.float32)
             weights["zero_points"] = -mins / weights["scales"]
     return weights
 
 
 def one_node(op: str, domain: str, k: int, n: int, block: int, bits: int, seed: int, zero_points: bool = False,
-             half: bool = False) -> bytes:
-    weights = node_weights(k, n, block, bits, seed, zero_points, half)
+             form: str = "fp32") -> bytes:
+    return node_of(op, domain, k, n, block, bits, node_weights(k, n, block, bits, seed, zero_points, form))
+
+
+def node_of(op: str, domain: str, k: int, n: int, block: int, bits: int, weights: dict[str, np.ndarray]) -> bytes:
     node = helper.make_node(op, ["A", *weights], ["Y"], domain=domain, K=k, N=n, bits=bits, block_size=block,
                             accuracy_level=4)
     graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, "M", k])],
@@ -113,15 +129,17 @@ def test_results_are_matmulnbits_ones(k, n, block, bits, isa):
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4 * np.abs(reference).max())
 
 
-def int8_arithmetic(a: np.ndarray, k: int, n: int, block: int, bits: int, seed: int, half: bool) -> np.ndarray:
+def int8_arithmetic(a: np.ndarray, weights: dict[str, np.ndarray], k: int, n: int, block: int, bits: int) -> np.ndarray:
     """The kernel's sums in NumPy: activations rounded to int8 per row and block, exact integer products, and
-    w = scale x q + min with min = -scale x zero point."""
-    weights = node_weights(k, n, block, bits, seed, zero_points=True, half=half)
+    w = scale x q + min with min = -scale x zero point (without zero points: scale x (q - 2^(bits-1)))."""
+    zero_points = "zero_points" in weights
     blocks = -(-k // block)
     packed = weights["B"].astype(np.int64)
     q = packed if bits == 8 else np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, blocks, block)
     scales = weights["scales"].reshape(n, blocks)
-    mins = -scales * weights["zero_points"].reshape(n, blocks)
+    mins = -scales * weights["zero_points"].reshape(n, blocks) if zero_points else 0
+    if not zero_points:
+        q = q - 2 ** (bits - 1)
     x = np.pad(a.reshape(-1, k), ((0, 0), (0, blocks * block - k))).reshape(-1, blocks, block)
     amax = np.abs(x).max(axis=2, keepdims=True)
     xq = np.rint(x * np.where(amax > 0, np.float32(127) / amax, 0)).astype(np.int64)
@@ -131,18 +149,39 @@ def int8_arithmetic(a: np.ndarray, k: int, n: int, block: int, bits: int, seed: 
 
 
 @needs_kernel
-@pytest.mark.parametrize("half", [False, True], ids=["fp32 scales", "fp16 scales"])
+@pytest.mark.parametrize("form", ["fp32", "fp16"], ids=["fp32 scales", "fp16 scales"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k, n, block", SHAPES)
-def test_float_zero_points_keep_rows_alike_and_add_each_blocks_min(k, n, block, bits, half, isa):
+def test_float_zero_points_keep_rows_alike_and_add_each_blocks_min(k, n, block, bits, form, isa):
     """GGUF's Q4_1 blocks (w = d q + m) run as zero points -m/d; ORT's own kernel has no fast path for them."""
-    model = one_node(kernels.ROWS_OP, kernels.DOMAIN, k, n, block, bits, seed=k, zero_points=True, half=half)
+    model = one_node(kernels.ROWS_OP, kernels.DOMAIN, k, n, block, bits, seed=k, zero_points=True, form=form)
     rows = session(model, LIBRARY)
     a = np.random.default_rng(3).standard_normal((1, 9, k), dtype=np.float32)
     together = rows.run(None, {"A": a})[0]
     for m in range(9):
         np.testing.assert_array_equal(rows.run(None, {"A": a[:, m : m + 1]})[0][0, 0], together[0, m])
-    expected = int8_arithmetic(a, k, n, block, bits, seed=k, half=half)
+    expected = int8_arithmetic(a, node_weights(k, n, block, bits, k, True, form), k, n, block, bits)
+    np.testing.assert_allclose(together[0], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+@needs_kernel
+@pytest.mark.parametrize("zero_points", [True, False], ids=["Q4_K-like mins", "Q6_K-like"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k, n, block", [(1536, 48, 32), (512, 32, 16)])
+@pytest.mark.parametrize("off_step", [False, True], ids=["stepped", "one scale off its step"])
+def test_k_quant_super_block_scales_keep_rows_alike_and_exact(k, n, block, bits, zero_points, off_step, isa):
+    """Scales (and mins) that are small multiples of one step per 256 weights, as a Q4_K or Q6_K file's, are kept
+    as int8 multiples and fp16 steps whose products are the same floats; a matrix with one scale off its step keeps
+    them as they are. Either way: rows alike, the same arithmetic."""
+    weights = node_weights(k, n, block, bits, seed=k, zero_points=zero_points, form="stepped")
+    if off_step:
+        weights["scales"][7] *= 1.001
+    rows = session(node_of(kernels.ROWS_OP, kernels.DOMAIN, k, n, block, bits, weights), LIBRARY)
+    a = np.random.default_rng(4).standard_normal((1, 9, k), dtype=np.float32)
+    together = rows.run(None, {"A": a})[0]
+    for m in range(9):
+        np.testing.assert_array_equal(rows.run(None, {"A": a[:, m : m + 1]})[0][0, 0], together[0, m])
+    expected = int8_arithmetic(a, weights, k, n, block, bits)
     np.testing.assert_allclose(together[0], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 

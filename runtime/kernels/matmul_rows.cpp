@@ -46,8 +46,15 @@ struct Kernel {
   bool wide = true;           // AVX-512 VNNI, else AVX2
   Store<uint8_t> packed;      // [N / 16][K / step][64]
   // Scales, and with float zero points mins (w = scale x q + min, min = -scale x zero point: a GGUF Q4_1 block's
-  // own form), [N / 16][blocks][16]. Stored as fp16 where they are fp16 values, as a GGUF's are: at 4 bits and 32
-  // weights a block they are 8 of every 24 bytes a one-row call reads in fp32, 4 of 20 in fp16.
+  // own form), [N / 16][blocks][16], in one of three forms, the smallest that holds them exactly:
+  // - GGUF K-quant super-blocks (Q4_K, Q6_K): every 256 weights' block scales (and mins) are small integers
+  //   times one fp16 step, kept as int8 [N / 16][blocks][16] and fp16 steps [N / 16][blocks / group][16];
+  //   a Q4_K weight then reads 0.58 bytes instead of 0.75 with fp32 scales and mins, a Q6_K one 1.07 of 1.25;
+  // - fp16 where every scale is an fp16 value, as a Q4_1 file's are (at 32 weights a block, 4 of 20 bytes);
+  // - fp32 otherwise.
+  int64_t group = 0;          // blocks per super-block in the first form, else 0
+  Store<int8_t> sub_scales, sub_mins;
+  Store<uint16_t> super_scales, super_mins;
   Store<float> scales, mins;
   Store<uint16_t> half_scales, half_mins;
 };
@@ -55,16 +62,63 @@ struct Kernel {
 // Where a 16-column tile's packed weights, scales and mins (none: nullptr) start.
 const uint8_t *tile_weights(const Kernel &k, int64_t tile) { return k.packed.data() + tile * k.K * k.bits * 2; }
 template <typename S>
-const S *tile_start(const Store<S> &values, const Kernel &k, int64_t tile) {
-  return values.empty() ? nullptr : values.data() + tile * k.blocks * kTile;
+const S *tile_start(const Store<S> &values, const Kernel &k, int64_t tile, int64_t per_tile) {
+  return values.empty() ? nullptr : values.data() + tile * per_tile * kTile;
 }
 
 AVX512 __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
 AVX512 __m512 load16(const uint16_t *p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)));
 }
+AVX512 __m512 load16(const int8_t *p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))));
+}
 AVX2 __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
 AVX2 __m256 load8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))); }
+AVX2 __m256 load8(const int8_t *p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p))));
+}
+
+// A tile's scales and mins of block b, for 16 columns (AVX2: the 8 of half h), in float. Plain<S>: stored per
+// block (fp32 or fp16); Stepped: int8 multiples of a super-block's fp16 step, whose products are exact in fp32,
+// so both forms give the same floats for the same matrix.
+template <typename S>
+struct Plain {
+  const S *s, *m;
+  static Plain at(const Store<S> &scales, const Store<S> &mins, const Kernel &k, int64_t tile) {
+    return {tile_start(scales, k, tile, k.blocks), tile_start(mins, k, tile, k.blocks)};
+  }
+  bool has_mins() const { return m != nullptr; }
+  AVX512 __m512 scale(int64_t b) const { return load16(s + b * kTile); }
+  AVX512 __m512 min(int64_t b) const { return load16(m + b * kTile); }
+  AVX2 __m256 scale8(int64_t b, int h) const { return load8(s + b * kTile + 8 * h); }
+  AVX2 __m256 min8(int64_t b, int h) const { return load8(m + b * kTile + 8 * h); }
+};
+
+struct Stepped {
+  const int8_t *s, *m;
+  const uint16_t *step, *min_step;
+  int shift;  // log2 of the blocks a super-block: a shift, not a division, finds a block's step
+  static Stepped at(const Kernel &k, int64_t tile) {
+    const int64_t groups = k.blocks / k.group;
+    return {tile_start(k.sub_scales, k, tile, k.blocks), tile_start(k.sub_mins, k, tile, k.blocks),
+            tile_start(k.super_scales, k, tile, groups), tile_start(k.super_mins, k, tile, groups),
+            __builtin_ctzll(static_cast<unsigned long long>(k.group))};
+  }
+  bool has_mins() const { return m != nullptr; }
+  AVX512 __m512 scale(int64_t b) const {
+    return _mm512_mul_ps(load16(s + b * kTile), load16(step + (b >> shift) * kTile));
+  }
+  AVX512 __m512 min(int64_t b) const {
+    return _mm512_mul_ps(load16(m + b * kTile), load16(min_step + (b >> shift) * kTile));
+  }
+  AVX2 __m256 scale8(int64_t b, int h) const {
+    return _mm256_mul_ps(load8(s + b * kTile + 8 * h), load8(step + (b >> shift) * kTile + 8 * h));
+  }
+  AVX2 __m256 min8(int64_t b, int h) const {
+    return _mm256_mul_ps(load8(m + b * kTile + 8 * h), load8(min_step + (b >> shift) * kTile + 8 * h));
+  }
+};
 
 // Activations of one call, quantized per row and block: a row's values depend on that row alone.
 struct Rows {
@@ -132,8 +186,8 @@ AVX2 void quantize_avx2(const float *a, Rows &rows) {
   }
 }
 
-template <int R, int Bits, typename S>
-AVX512 void tile_rows(const Rows &rows, int64_t tile, int64_t m0, const S *s, const S *mins) {
+template <int R, int Bits, typename Scales>
+AVX512 void tile_rows(const Rows &rows, int64_t tile, int64_t m0, const Scales &scales) {
   constexpr int64_t step = step_of(Bits);
   const Kernel &k = *rows.kernel;
   const uint8_t *w = tile_weights(k, tile);
@@ -169,13 +223,14 @@ AVX512 void tile_rows(const Rows &rows, int64_t tile, int64_t m0, const S *s, co
         }
       }
     }
-    const __m512 weight_scale = load16(s + b * kTile);
+    const __m512 weight_scale = scales.scale(b);
+    const __m512 weight_min = scales.has_mins() ? scales.min(b) : _mm512_setzero_ps();
     for (int r = 0; r < R; r++) {
       const int64_t at = (m0 + r) * k.blocks + b;
       const __m512 scale = _mm512_mul_ps(weight_scale, _mm512_set1_ps(rows.scale[at]));
-      if (mins) {  // sum of (scale q + min) a = scale sum(q a) + min sum(a)
+      if (scales.has_mins()) {  // sum of (scale q + min) a = scale sum(q a) + min sum(a)
         y[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), scale, y[r]);
-        y[r] = _mm512_fmadd_ps(load16(mins + b * kTile), _mm512_set1_ps(rows.total[at]), y[r]);
+        y[r] = _mm512_fmadd_ps(weight_min, _mm512_set1_ps(rows.total[at]), y[r]);
       } else {
         const __m512i exact = _mm512_sub_epi32(dot[r], _mm512_set1_epi32(rows.shift[at]));
         y[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, y[r]);
@@ -188,8 +243,8 @@ AVX512 void tile_rows(const Rows &rows, int64_t tile, int64_t m0, const S *s, co
 // The same packed lines as two 32-byte halves of 8 columns. 4-bit weights times int8 activations fit
 // vpmaddubsw's 16-bit pair sums (15 x 127 x 2); 8-bit ones do not, so they are widened to 16 bits for vpmaddwd,
 // which leaves column sums in the order 0 1 4 5 2 3 6 7, put right once a block. Output rows accumulate in place.
-template <int R, int Bits, typename S>
-AVX2 void tile_rows_avx2(const Rows &rows, int64_t tile, int64_t m0, const S *s, const S *mins) {
+template <int R, int Bits, typename Scales>
+AVX2 void tile_rows_avx2(const Rows &rows, int64_t tile, int64_t m0, const Scales &scales) {
   constexpr int64_t step = step_of(Bits);
   const Kernel &k = *rows.kernel;
   const uint8_t *w = tile_weights(k, tile);
@@ -235,16 +290,17 @@ AVX2 void tile_rows_avx2(const Rows &rows, int64_t tile, int64_t m0, const S *s,
       }
     }
     for (int h = 0; h < 2; h++) {
-      const __m256 weight_scale = load8(s + b * kTile + 8 * h);
+      const __m256 weight_scale = scales.scale8(b, h);
+      const __m256 weight_min = scales.has_mins() ? scales.min8(b, h) : _mm256_setzero_ps();
       for (int r = 0; r < R; r++) {
         const int64_t at = (m0 + r) * k.blocks + b;
         __m256i sums = dot[r][h];
         if constexpr (Bits == 8) sums = _mm256_permute4x64_epi64(sums, 0xD8);
         const __m256 scale = _mm256_mul_ps(weight_scale, _mm256_set1_ps(rows.scale[at]));
         __m256 out = _mm256_loadu_ps(y[r] + 8 * h);
-        if (mins) {
+        if (scales.has_mins()) {
           out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, out);
-          out = _mm256_fmadd_ps(load8(mins + b * kTile + 8 * h), _mm256_set1_ps(rows.total[at]), out);
+          out = _mm256_fmadd_ps(weight_min, _mm256_set1_ps(rows.total[at]), out);
         } else {
           out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sums, _mm256_set1_epi32(rows.shift[at]))), scale,
                                 out);
@@ -255,33 +311,33 @@ AVX2 void tile_rows_avx2(const Rows &rows, int64_t tile, int64_t m0, const S *s,
   }
 }
 
-template <int Bits, typename S>
-void tiles_of(const Rows &rows, const Store<S> &scales, const Store<S> &mins, size_t task) {
+template <int Bits, typename Scales, typename At>
+void tiles_of(const Rows &rows, size_t task, At scales_of) {
   const Kernel &k = *rows.kernel;
   const int64_t tiles = k.N / kTile;
   const int64_t first = static_cast<int64_t>(task) * kTilesPerTask, last = std::min(tiles, first + kTilesPerTask);
   for (int64_t t = first; t < last; t++) {
-    const S *s = tile_start(scales, k, t), *m = tile_start(mins, k, t);
+    const Scales s = scales_of(t);
     if (k.wide) {
       for (int64_t m0 = 0; m0 < rows.M; m0 += kMaxRows) {
         switch (std::min<int64_t>(kMaxRows, rows.M - m0)) {
-          case 1: tile_rows<1, Bits>(rows, t, m0, s, m); break;
-          case 2: tile_rows<2, Bits>(rows, t, m0, s, m); break;
-          case 3: tile_rows<3, Bits>(rows, t, m0, s, m); break;
-          case 4: tile_rows<4, Bits>(rows, t, m0, s, m); break;
-          case 5: tile_rows<5, Bits>(rows, t, m0, s, m); break;
-          case 6: tile_rows<6, Bits>(rows, t, m0, s, m); break;
-          case 7: tile_rows<7, Bits>(rows, t, m0, s, m); break;
-          default: tile_rows<8, Bits>(rows, t, m0, s, m); break;
+          case 1: tile_rows<1, Bits>(rows, t, m0, s); break;
+          case 2: tile_rows<2, Bits>(rows, t, m0, s); break;
+          case 3: tile_rows<3, Bits>(rows, t, m0, s); break;
+          case 4: tile_rows<4, Bits>(rows, t, m0, s); break;
+          case 5: tile_rows<5, Bits>(rows, t, m0, s); break;
+          case 6: tile_rows<6, Bits>(rows, t, m0, s); break;
+          case 7: tile_rows<7, Bits>(rows, t, m0, s); break;
+          default: tile_rows<8, Bits>(rows, t, m0, s); break;
         }
       }
     } else {
       for (int64_t m0 = 0; m0 < rows.M; m0 += 4) {
         switch (std::min<int64_t>(4, rows.M - m0)) {
-          case 1: tile_rows_avx2<1, Bits>(rows, t, m0, s, m); break;
-          case 2: tile_rows_avx2<2, Bits>(rows, t, m0, s, m); break;
-          case 3: tile_rows_avx2<3, Bits>(rows, t, m0, s, m); break;
-          default: tile_rows_avx2<4, Bits>(rows, t, m0, s, m); break;
+          case 1: tile_rows_avx2<1, Bits>(rows, t, m0, s); break;
+          case 2: tile_rows_avx2<2, Bits>(rows, t, m0, s); break;
+          case 3: tile_rows_avx2<3, Bits>(rows, t, m0, s); break;
+          default: tile_rows_avx2<4, Bits>(rows, t, m0, s); break;
         }
       }
     }
@@ -292,14 +348,51 @@ template <int Bits>
 void tiles(void *data, size_t task) {
   const Rows &rows = *static_cast<const Rows *>(data);
   const Kernel &k = *rows.kernel;
-  if (k.half_scales.empty())
-    tiles_of<Bits>(rows, k.scales, k.mins, task);
+  if (k.group) {
+    tiles_of<Bits, Stepped>(rows, task, [&](int64_t t) { return Stepped::at(k, t); });
+  } else if (!k.half_scales.empty())
+    tiles_of<Bits, Plain<uint16_t>>(rows, task,
+                                    [&](int64_t t) { return Plain<uint16_t>::at(k.half_scales, k.half_mins, k, t); });
   else
-    tiles_of<Bits>(rows, k.half_scales, k.half_mins, task);
+    tiles_of<Bits, Plain<float>>(rows, task, [&](int64_t t) { return Plain<float>::at(k.scales, k.mins, k, t); });
 }
 
 __attribute__((target("f16c"))) uint16_t to_half(float x) { return _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT); }
 __attribute__((target("f16c"))) float from_half(uint16_t x) { return _cvtsh_ss(x); }
+
+// Whether every super-block's values (tile layout [tiles][blocks][16], `group` blocks a super-block) are int8
+// multiples of one fp16 step, each to within `tolerance` of its own magnitude: a GGUF K-quant's d x sc (and
+// dmin x m). The step is the largest magnitude over 63 (Q4_K's 6-bit scales and mins), -128 or 127 (Q6_K's int8).
+bool stepped(const std::vector<float> &values, int64_t tiles, int64_t blocks, int64_t group, float tolerance,
+             std::vector<int8_t> &multiples, std::vector<uint16_t> &steps) {
+  multiples.assign(values.size(), 0);
+  steps.assign(static_cast<size_t>(tiles * blocks / group * kTile), 0);
+  for (int64_t t = 0; t < tiles; t++)
+    for (int64_t g = 0; g < blocks / group; g++)
+      for (int c = 0; c < kTile; c++) {
+        auto at = [&](int64_t j) { return static_cast<size_t>((t * blocks + g * group + j) * kTile + c); };
+        float top = 0;
+        for (int64_t j = 0; j < group; j++) top = std::abs(values[at(j)]) > std::abs(top) ? values[at(j)] : top;
+        if (top == 0) continue;
+        bool found = false;
+        for (float divisor : {63.f, -128.f, 127.f}) {
+          const uint16_t half = to_half(top / divisor);
+          const float step = from_half(half);
+          found = step != 0;
+          for (int64_t j = 0; j < group && found; j++) {
+            const float value = values[at(j)], q = std::nearbyint(value / step);
+            found = q >= -128 && q <= 127 && std::abs(q * step - value) <= tolerance * std::abs(value);
+            multiples[at(j)] = static_cast<int8_t>(found ? q : 0);
+          }
+          if (found) {
+            steps[static_cast<size_t>((t * blocks / group + g) * kTile + c)] = half;
+            break;
+          }
+        }
+        if (!found) return false;
+      }
+  return true;
+}
 
 // MatMulNBits' B is [N][blocks][block x bits / 8] bytes; at 4 bits element k of a block is in the low nibble
 // when k is even. Packed: per 16-column tile, 64 bytes a step, column c's 4 consecutive k in bytes 4c..4c+3
@@ -329,8 +422,23 @@ void pack(Kernel &k, const uint8_t *b, const float *scales, const float *zero_po
         tile_scales[to] = scales[from];
         if (zero_points) tile_mins[to] = -scales[from] * zero_points[from];
       }
-  // fp16 when every scale is an fp16 value and every min one up to the float rounding of -scale x zero point
-  // (a GGUF's m, given as the zero point -m/d): then the fp16 min is the GGUF's own.
+  // Mins are compared to within the float rounding of -scale x zero point (a GGUF's m, given as the zero point
+  // -m/d): the stored min is then the GGUF's own.
+  const int64_t group = 256 % k.block == 0 ? 256 / k.block : 0;
+  if (group && k.blocks % group == 0 && k.K == k.blocks * k.block) {
+    std::vector<int8_t> sub_scales, sub_mins;
+    std::vector<uint16_t> super_scales, super_mins;
+    if (stepped(tile_scales, tiles, k.blocks, group, 0.f, sub_scales, super_scales) &&
+        (!zero_points || stepped(tile_mins, tiles, k.blocks, group, 0x1p-20f, sub_mins, super_mins))) {
+      k.group = group;
+      k.sub_scales.assign(sub_scales.begin(), sub_scales.end());
+      k.super_scales.assign(super_scales.begin(), super_scales.end());
+      k.sub_mins.assign(sub_mins.begin(), sub_mins.end());
+      k.super_mins.assign(super_mins.begin(), super_mins.end());
+      return;
+    }
+  }
+  // fp16 when every scale is an fp16 value and every min one.
   auto half_of = [](const std::vector<float> &values, float tolerance, std::vector<uint16_t> &out) {
     out.resize(values.size());
     for (size_t i = 0; i < values.size(); i++) {
