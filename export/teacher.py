@@ -25,7 +25,7 @@ from dovetail_onnx.runtime.generator import GeneratorParams, Model
 from dovetail_onnx.runtime.manifest import MANIFEST, load_manifest
 
 ONE_ROW = np.zeros((1, 1, 1, 1), dtype=np.float32)  # a lone new token sees the whole past
-BATCH = 4  # prompts answered at once where the kernels batch exactly (docs/benchmarks.md, "Serving")
+BATCH = 8  # prompts answered at once where the kernels batch exactly; why 8: docs/training.md
 
 
 class ArtifactTeacher:
