@@ -251,9 +251,9 @@ def unpack_int8(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch
     groups = {k.removesuffix(SCALE4): v for k, v in state.items() if k.endswith(SCALE4)}
     unscaled = [k for k, v in state.items() if v.dtype in (torch.int8, torch.uint8) and k not in scales | groups]
     if unscaled:
-        suffix = SCALE if state[unscaled[0]].dtype == torch.int8 else SCALE4
+        suffix, form = (SCALE, "int8") if state[unscaled[0]].dtype == torch.int8 else (SCALE4, "int4")
         raise DovetailError(f"drafter weights at {source} are corrupt: packed tensor {unscaled[0]} has no "
-                            f"{unscaled[0]}{suffix}; save the drafter again (`dovetail-onnx train --weights int8`)")
+                            f"{unscaled[0]}{suffix}; save the drafter again (`dovetail-onnx train --weights {form}`)")
 
     def weight(name: str, value: torch.Tensor) -> torch.Tensor:
         if name in scales:

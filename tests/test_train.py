@@ -295,7 +295,8 @@ def test_int4_weights_round_trip(target, sequences, tmp_path):
         assert (a - b).norm() < 0.2 * a.norm()  # int4 rounding: 1/14 of a group's largest weight
     del stored["W_z.int4_scale"]
     save_file(stored, str(tmp_path / "int4" / "model.safetensors"))
-    with pytest.raises(DovetailError, match="W_z has no W_z.int4_scale"):
+    with pytest.raises(DovetailError,
+                       match=r"W_z has no W_z.int4_scale; save the drafter again \(`dovetail-onnx train --weights int4`\)"):
         load_drafter(tmp_path / "int4", *target)
 
 
