@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +156,14 @@ def test_several_mixes_read_each_stream_and_the_text_once(tmp_path):
     assert set(folders) == {"general", "code"}
     assert all(list(f.glob("distill-*.st")) for f in folders.values())
     assert list(folders["general"].glob("text-*.st")) and not list(folders["code"].glob("text-*.st"))
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU's flags from Linux's /proc/cpuinfo")
+def test_bf16_autocast_only_where_the_cpu_has_bf16_units():
+    """oneDNN's own check also says yes on AVX-512 without BF16, where it emulates bf16 several times slower."""
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert train_module.native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert TrainSettings().bf16 == train_module.native_bf16()
 
 
 def test_training_lowers_the_loss(target, sequences):
