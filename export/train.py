@@ -40,9 +40,9 @@ from dovetail_onnx.runtime.errors import DovetailError
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes bf16 products in hardware. oneDNN's own check (`_is_mkldnn_bf16_supported`) also
-    says yes for AVX-512 without BF16, where it emulates them: an Ice Lake Xeon ran a [4096, 1536] x [1536, 16384]
-    product 4.9x slower in bf16 than in fp32, and a training step 66 s."""
+    """Whether this CPU computes bf16 products in hardware (AVX512-BF16, AMX). oneDNN's own check
+    (`_is_mkldnn_bf16_supported`) also says yes for AVX-512 without BF16, where it emulates them several times
+    slower than fp32 (docs/training.md)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
@@ -66,9 +66,7 @@ class TrainSettings:
     loss_vocab: int = 16384  # tokens the cross-entropy is taken over, most frequent first (0 = all seen)
     unroll: int = 2
     unroll_weight: float = 0.8
-    # Autocast matmuls to bf16 where the CPU has bf16 units (AVX512-BF16, AMX): the LM head dominates the cost.
-    # Elsewhere oneDNN emulates bf16: on an AVX2-only EPYC a [4096, 576] x [576, 16384] product took 4.5 s
-    # against 0.66 s in fp32.
+    # Autocast matmuls to bf16 where the CPU has bf16 units: the LM head dominates the cost.
     bf16: bool = field(default_factory=native_bf16)
     checkpoint_every: int = 50
     eval_tokens: int = 4096  # held-out tokens used by the periodic evaluation (the final one uses all)
