@@ -13,8 +13,8 @@ from dovetail_onnx.cli.options import DEPTH, MIN_PROB, SEED, TOP_K, TREE_TOKENS,
 from dovetail_onnx.cli.serve import chat, serve
 from dovetail_onnx.cli.train import train
 from dovetail_onnx.runtime.errors import DovetailError
-from dovetail_onnx.runtime.manifest import BLOCK_SIZES, DEFAULT_BLOCK_SIZES, EXPORT_CHAIN_DEPTH, EXPORT_TREE, MAX_TOP_K, \
-    PRECISIONS, SIZINGS, TreeSettings
+from dovetail_onnx.runtime.manifest import BLOCK_SIZES, DEFAULT_BLOCK_SIZES, EXPORT_QUANTIZED_TREE, EXPORT_TREE, \
+    MAX_TOP_K, PRECISIONS, SIZINGS, TreeSettings
 from dovetail_onnx.runtime.sessions import DEVICES
 
 
@@ -44,13 +44,16 @@ def default_name(target: str) -> str:
                    "instead of a trained drafter, e.g. a smaller size of the same family.")
 @click.option("--drafter-layers", type=click.IntRange(1, 6), default=1, show_default=True,
               help="Layers of a random drafter.")
-@click.option("--top-k", type=click.IntRange(1, MAX_TOP_K), default=EXPORT_TREE.top_k, show_default=True,
-              help="Default tree top-k stored in the artifact.")
+@click.option("--top-k", type=click.IntRange(1, MAX_TOP_K), default=None,
+              help=f"Default tree top-k stored in the artifact [default: {EXPORT_TREE.top_k}; "
+                   f"{EXPORT_QUANTIZED_TREE.top_k} for a quantized target, which verifies trees only on dovetail's "
+                   "kernels and runs its default as a chain elsewhere].")
 @click.option("--depth", type=DEPTH, default=None,
-              help=f"Default tree depth [default: {EXPORT_TREE.depth}; {EXPORT_CHAIN_DEPTH} for a quantized target, "
-                   "whose default is a chain: it verifies trees only on dovetail's kernels].")
-@click.option("--tree-tokens", type=TREE_TOKENS, default=EXPORT_TREE.total_tokens, show_default=True,
-              help="Default tree size (root included).")
+              help=f"Default tree depth [default: {EXPORT_TREE.depth}; {EXPORT_QUANTIZED_TREE.depth} for a quantized "
+                   "target].")
+@click.option("--tree-tokens", type=TREE_TOKENS, default=None,
+              help=f"Default tree size, root included [default: {EXPORT_TREE.total_tokens}; depth + 1 for a "
+                   "quantized target].")
 @click.option("--min-prob", type=MIN_PROB, default=EXPORT_TREE.min_prob, show_default=True,
               help="Default least probability of a node's path for the drafter to expand it.")
 @click.option("--draft-vocab", type=click.IntRange(min=0), default=None,
@@ -76,12 +79,15 @@ def export(target, output, drafter, draft_model, drafter_layers, top_k, depth, t
 
     output = output or Path("artifacts") / default_name(target)
     given = depth is not None
-    if depth is None:
-        depth = EXPORT_CHAIN_DEPTH if VERIFY[precision] == "chain" else EXPORT_TREE.depth
-    tree = TreeSettings(top_k, depth, tree_tokens, min_prob)
+    if VERIFY[precision] == "chain":  # a quantized target: as many rows as a chain of its depth
+        depth = depth or EXPORT_QUANTIZED_TREE.depth
+        tree = TreeSettings(top_k or EXPORT_QUANTIZED_TREE.top_k, depth, tree_tokens or depth + 1, min_prob)
+    else:
+        tree = TreeSettings(top_k or EXPORT_TREE.top_k, depth or EXPORT_TREE.depth,
+                            tree_tokens or EXPORT_TREE.total_tokens, min_prob)
     export_artifact(target, output, drafter, drafter_layers, tree, draft_vocab, cpu_drafter, precision,
                     block_size=int(block_size) if block_size else None,
-                    lookup_depth=depth if given else LOOKUP_DEPTH, draft_model=draft_model)
+                    lookup_depth=tree.depth if given else LOOKUP_DEPTH, draft_model=draft_model)
     if tune:
         from rich.console import Console
         from rich.progress import Progress
@@ -145,7 +151,7 @@ def generate(artifact, prompt, prompt_file, max_new_tokens, raw, special_tokens,
         raise DovetailError("the prompt is empty or only whitespace; pass some text with --prompt, --prompt-file or stdin")
     sampling = SamplingParams(temperature, top_p, sample_top_k, seed)
     model = Model(artifact, draft_device=draft_device, threads=threads)
-    tree = model.manifest.tree
+    tree = model.tree
     overrides = (("top_k", top_k), ("depth", depth), ("total_tokens", tree_tokens), ("min_prob", min_prob))
     tree = sized_tree(replace(tree, **{k: v for k, v in overrides if v is not None}), sizing)
     params = GeneratorParams(max_new_tokens, mode, tree, stop_at_eos=not ignore_eos, sampling=sampling, lookup=lookup)
@@ -240,7 +246,7 @@ def bench(artifact, prompt_file, n, max_new_tokens, top_k, depth, tree_tokens, m
         categories = ["(none)"] * len(prompts)
     model = Model(artifact, draft_device=draft_device, threads=threads)
     genai = Genai(baseline_genai, threads) if baseline_genai else None
-    d = model.manifest.tree
+    d = model.tree
     trees = [TreeSettings(*setting) for setting in itertools.product(
         top_k or [d.top_k], depth or [d.depth], tree_tokens or [d.total_tokens], min_prob or [d.min_prob])]
     sizing, step_ms = sizing or ["cost" if d.step_ms else "fixed"], ()

@@ -10,7 +10,7 @@ import numpy as np
 
 from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.generator import GeneratorParams, Model, Stats, generate
-from dovetail_onnx.runtime.manifest import MANIFEST, Manifest, TreeSettings
+from dovetail_onnx.runtime.manifest import EXPORT_QUANTIZED_TREE, MANIFEST, Manifest, TreeSettings
 from dovetail_onnx.runtime.tokenizer import decode_utf8
 from dovetail_onnx.runtime.tree import causal
 
@@ -229,7 +229,7 @@ def profile(model: Model, prompt: list[int], contexts: list[int], rows: tuple[in
                         times[seq].append(time.perf_counter() - started)
         by_rows[past] = {seq: round(1000 * float(np.median(t)), 2) for seq, t in times.items()}
     target.kv.length = 0
-    _, stats = generate(model, prompt, GeneratorParams(64, tree=replace(model.manifest.tree, step_ms=())))
+    _, stats = generate(model, prompt, GeneratorParams(64, tree=replace(model.tree, step_ms=())))
     draft_ms = 1000 * stats.draft_s / max(stats.draft_forwards, 1)
     steps = max(stats.target_forwards, 1)
     return {"target_ms": by_rows, "drafter_ms_per_forward": round(draft_ms, 2),
@@ -266,17 +266,19 @@ TUNING_PROMPTS = [
 ]
 
 
-def tuning_trees(manifest: Manifest, step_ms: tuple[float, ...]) -> list[TreeSettings]:
-    """Candidate trees around what pays on CPUs: sizes for tree-verifying targets, chain depths for the others and
-    for prompt lookup alone, each fixed and (with a drafter) each sized step by step from `step_ms`. The stored
-    default must run on either target graph, so a target that verifies chains on ONNX Runtime's kernels is tuned
-    as one."""
-    d = manifest.tree
+def tuning_trees(model: Model, step_ms: tuple[float, ...]) -> list[TreeSettings]:
+    """Candidate trees around what pays on CPUs: sizes for tree-verifying targets, chain depths for quantized ones
+    (and a wider first level at a chain's rows where the graph that runs verifies trees) and for prompt lookup
+    alone, each fixed and (with a drafter) each sized step by step from `step_ms`."""
+    manifest, d = model.manifest, model.manifest.tree
     # Prompt lookup alone proposes its copy whole: no sizing, and a longer copy costs no drafting.
     if not (manifest.drafter or manifest.draft_model):
         return [TreeSettings(1, depth, depth + 1, d.min_prob) for depth in (1, 2, 4, 6, 8)]
     if manifest.target.verify == "chain":
         fixed = [TreeSettings(1, depth, depth + 1, d.min_prob) for depth in (1, 2, 3, 4)]
+        if model.target.verify == "tree":
+            wide = EXPORT_QUANTIZED_TREE
+            fixed += [TreeSettings(wide.top_k, wide.depth, tokens, d.min_prob) for tokens in (4, 6)]
     else:
         fixed = [TreeSettings(d.top_k, d.depth, tokens, d.min_prob) for tokens in (4, 6, 8, 12, 16)]
     return fixed + [replace(fixed[-1], step_ms=step_ms)]
@@ -287,7 +289,7 @@ def tune_tree(model: Model, max_new_tokens: int = 64, progress=lambda: None) -> 
     fastest as the artifact's default; return it with its summary (speedup over target-only, τ)."""
     prompt = model.encode_prompt(TUNING_PROMPTS[0])
     step_ms = step_costs(model, prompt, len(prompt) + max_new_tokens // 2, 16) if model.drafter else ()
-    run = run_bench(model, TUNING_PROMPTS, max_new_tokens, tuning_trees(model.manifest, step_ms), progress=progress)
+    run = run_bench(model, TUNING_PROMPTS, max_new_tokens, tuning_trees(model, step_ms), progress=progress)
     best = max(run.results, key=lambda r: r.speculative.tokens_per_s)
     store_tree(model.manifest, best.tree)
     return best.tree, best.summary(run.baseline, len(TUNING_PROMPTS))

@@ -56,6 +56,11 @@ class Model:
         self.lock = threading.Lock()
 
     @property
+    def tree(self) -> TreeSettings:
+        """The artifact's default draft tree on the target graph that runs (a chain on one that verifies chains)."""
+        return self.manifest.tree.on(self.target.verify)
+
+    @property
     def draft_provider(self) -> str:
         """Where drafting runs: the drafter session's execution provider, or prompt lookup (no model at all)."""
         return self.drafter.session.get_providers()[0] if self.drafter else "prompt lookup"
@@ -217,7 +222,7 @@ class Generator:
 
 def checked(model: Model, params: GeneratorParams, prompt: list[int]) -> GeneratorParams:
     """`params` with the artifact's defaults filled in, checked against the model and the prompt's token ids."""
-    params = replace(params, tree=params.tree or model.manifest.tree,
+    params = replace(params, tree=params.tree or model.tree,
                      eos_token_ids=params.eos_token_ids or model.manifest.eos_token_ids)
     params.check(model, len(prompt))
     vocab = model.manifest.target.vocab_size

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
@@ -81,6 +81,13 @@ class TreeSettings:
         expected = 1.0 + np.concatenate(([0.0], np.cumsum(np.exp(scores[: sizes - 1]))))
         return int(np.argmax(expected / np.asarray(self.step_ms[:sizes]))) + 1
 
+    def on(self, verify: str) -> TreeSettings:
+        """This default as a target graph that verifies `verify` shapes runs it: a chain of the same depth where
+        trees are not verified (a quantized target on ONNX Runtime's kernels), else unchanged."""
+        if verify == "tree":
+            return self
+        return replace(self, top_k=1, total_tokens=min(self.total_tokens, self.depth + 1))
+
     def chain_problem(self, verify: str, why: str = CHAINS_ON_ORT) -> str | None:
         """A target that verifies chains only (quantized activations on ONNX Runtime's attention, see
         export/target.py) needs top_k 1; `why` it does, for the message."""
@@ -92,14 +99,11 @@ class TreeSettings:
 # What `export` stores unless told otherwise: Dovetail's tree, and the least path probability that paid
 # on a 2-core CPU drafting with the int8 drafter (docs/benchmarks.md, "min_prob": 0.3-0.5 were best).
 EXPORT_TREE = TreeSettings(min_prob=0.4)
-# A quantized target's stored default is a chain (top_k 1; it verifies trees only where dovetail's kernels run, and
-# with the drafter on the CPU chains paid as well: docs/benchmarks.md), of this depth unless told otherwise. On the
-# AVX-512 EPYC (docs/benchmarks.md) int4 SmolLM2 at block 128 runs an even number of rows, so a chain of 3
-# verifies in the 4 rows a chain of 2 pays for anyway: 1.53-1.57x target-only against 1.40-1.44x for chains of 1
-# and 2 (two runs).
-# At block 32 chains of 1, 2 and 3 had run within 3 % of one another, and a chain of 7 was slower. On the row kernel
-# (no padding) chains of 3 and 5 ran within 1.5 % of each other at int4 and 2 % at int8, chain 1 9-18 % slower.
-EXPORT_CHAIN_DEPTH = 3
+# A quantized target's default: the 4 rows of a chain of 3 (there a verify row costs about a target-only token), its
+# first level three candidates wide where dovetail's kernels verify trees: a drafter unsure of the next token gets
+# it right more often at no extra row. On ONNX Runtime's graph, which verifies chains only, it runs as the chain of
+# 3 (`TreeSettings.on`). Measured in docs/benchmarks.md, "A wider first level" and "int4: trees and chains".
+EXPORT_QUANTIZED_TREE = TreeSettings(top_k=3, depth=3, total_tokens=4, min_prob=0.4)
 
 
 def _file_name(name: str) -> str:
@@ -164,7 +168,9 @@ class Manifest(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
-        if problem := self.tree.problem(self.max_top_k) or self.tree.chain_problem(self.target.verify):
+        # The stored tree is the default on the best graph the artifact has; the other runs it as a chain.
+        verify = self.target.kernel_verify or self.target.verify
+        if problem := self.tree.problem(self.max_top_k) or self.tree.chain_problem(verify):
             raise ValueError(f"field 'tree': {problem.replace('--', '').replace('-', '_')}")
         if self.drafter and self.draft_model:
             raise ValueError("fields 'drafter' and 'draft_model' are both set; an artifact drafts with one of them")

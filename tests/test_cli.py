@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from clirun import edited_artifact, fails
 from dovetail_onnx.cli.main import main
-from dovetail_onnx.runtime import Model, kernels, sessions
+from dovetail_onnx.runtime import GeneratorParams, Model, generate, kernels, sessions
 from dovetail_onnx.runtime.bench import tune_tree, tuning_trees
-from dovetail_onnx.runtime.manifest import EXPORT_CHAIN_DEPTH
+from dovetail_onnx.runtime.manifest import EXPORT_QUANTIZED_TREE
 
 # Blocks the build-side packages the way a deploy machine lacks them: any import raises ImportError.
 NO_TORCH = (
@@ -166,7 +166,7 @@ def test_tuning_stores_one_of_the_candidate_trees(artifacts, quantized, tmp_path
         model = Model(folder, draft_device="cpu")
         best, summary = tune_tree(model, max_new_tokens=8)
         assert Model(folder).manifest.tree == best and summary["identical"] and summary["speedup"] > 0
-        assert best in tuning_trees(model.manifest, best.step_ms)
+        assert best in tuning_trees(model, best.step_ms)
         assert not best.step_ms or len(best.step_ms) == 16 and all(ms > 0 for ms in best.step_ms)
 
 
@@ -270,13 +270,23 @@ def test_serve_without_fastapi_says_what_to_install(artifacts):
     assert run.returncode == 1 and "pip install 'dovetail-onnx[serve]'" in run.stderr
 
 
-def test_quantized_export_stores_a_short_chain_unless_told(hf_dirs, tmp_path):
-    """A chain row costs about as much as a target-only token on a quantized CPU target, so its default chain is
-    short (EXPORT_CHAIN_DEPTH); an explicit --depth is kept."""
-    for args, depth in (([], EXPORT_CHAIN_DEPTH), (["--depth", "5"], 5)):
+def test_quantized_export_stores_a_chains_rows_wider_and_runs_it_as_a_chain_on_ort(hf_dirs, tmp_path, monkeypatch):
+    """A verify row costs about as much as a target-only token on a quantized CPU target, so its default verifies a
+    chain of EXPORT_QUANTIZED_TREE.depth's rows (an explicit --depth's), wider at the first level where dovetail's
+    kernels verify trees; on ONNX Runtime's graph, which verifies chains only, the same default runs as the chain."""
+    for args, depth in (([], EXPORT_QUANTIZED_TREE.depth), (["--depth", "5"], 5)):
         folder = tmp_path / f"int8-{depth}"
         result = CliRunner().invoke(main, ["export", str(hf_dirs["llama"]), "-o", str(folder), "--drafter", "random",
                                            "--precision", "int8", "--no-cpu-drafter", *args])
         assert result.exit_code == 0, result.output
-        tree = Model(folder, draft_device="cpu").manifest.tree
-        assert (tree.top_k, tree.depth, tree.total_tokens) == (1, depth, depth + 1)
+        model = Model(folder, draft_device="cpu")
+        top_k = EXPORT_QUANTIZED_TREE.top_k if model.manifest.target.kernel_verify == "tree" else 1
+        assert (model.manifest.tree.top_k, model.manifest.tree.depth, model.manifest.tree.total_tokens) == \
+            (top_k, depth, depth + 1)
+        assert model.tree == model.manifest.tree.on(model.target.verify)
+    monkeypatch.setattr("dovetail_onnx.runtime.target.rows_library", lambda: (None, "DOVETAIL_KERNELS=0"))
+    model = Model(folder, draft_device="cpu")
+    assert model.target.verify == "chain" and (model.tree.top_k, model.tree.depth, model.tree.total_tokens) == (1, 5, 6)
+    prompt = model.encode_prompt("hi")
+    greedy, _ = generate(model, prompt, GeneratorParams(10, mode="target-only"))
+    assert generate(model, prompt, GeneratorParams(10))[0] == greedy
