@@ -14,7 +14,7 @@ from dovetail_onnx.cli.serve import chat, serve
 from dovetail_onnx.cli.train import train
 from dovetail_onnx.runtime.errors import DovetailError
 from dovetail_onnx.runtime.manifest import BLOCK_SIZES, DEFAULT_BLOCK_SIZES, EXPORT_QUANTIZED_TREE, EXPORT_TREE, \
-    MAX_TOP_K, PRECISIONS, SIZINGS, TreeSettings
+    MAX_TOP_K, PRECISIONS, SIZINGS, TreeSettings, export_tree
 from dovetail_onnx.runtime.sessions import DEVICES
 
 
@@ -79,12 +79,7 @@ def export(target, output, drafter, draft_model, drafter_layers, top_k, depth, t
 
     output = output or Path("artifacts") / default_name(target)
     given = depth is not None
-    if VERIFY[precision] == "chain":  # a quantized target: as many rows as a chain of its depth
-        depth = depth or EXPORT_QUANTIZED_TREE.depth
-        tree = TreeSettings(top_k or EXPORT_QUANTIZED_TREE.top_k, depth, tree_tokens or depth + 1, min_prob)
-    else:
-        tree = TreeSettings(top_k or EXPORT_TREE.top_k, depth or EXPORT_TREE.depth,
-                            tree_tokens or EXPORT_TREE.total_tokens, min_prob)
+    tree = export_tree(VERIFY[precision], top_k, depth, tree_tokens, min_prob)
     export_artifact(target, output, drafter, drafter_layers, tree, draft_vocab, cpu_drafter, precision,
                     block_size=int(block_size) if block_size else None,
                     lookup_depth=tree.depth if given else LOOKUP_DEPTH, draft_model=draft_model)

@@ -15,8 +15,8 @@ from dovetail_onnx.export.drafter_export import export_drafter, quantize_int8
 from dovetail_onnx.export.load import EMBEDDED, gguf_file, load_target
 from dovetail_onnx.export.target import VERIFY, export_target
 from dovetail_onnx.runtime.errors import DovetailError
-from dovetail_onnx.runtime.manifest import EXPORT_QUANTIZED_TREE, EXPORT_TREE, FORMAT_VERSION, MANIFEST, MAX_TOP_K, \
-    GraphSpec, TreeSettings, sha256_of
+from dovetail_onnx.runtime.manifest import FORMAT_VERSION, MANIFEST, MAX_TOP_K, GraphSpec, TreeSettings, export_tree, \
+    sha256_of
 
 SHIPPED = Path(__file__).parent / "drafters"
 # The copied chain an artifact without a drafter verifies by default (export --tune measures others).
@@ -70,7 +70,7 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
                     draft_model: str | Path | None = None) -> dict:
     """Write target.onnx, drafter.onnx (+ drafter.int8.onnx), tokenizer files and dovetail.json into `out`.
 
-    `tree`: the default draft tree (None: EXPORT_TREE, or EXPORT_QUANTIZED_TREE for a quantized target).
+    `tree`: the default draft tree (None: `export_tree`'s for `precision`).
     `drafter`: a drafter folder or file, 'random', 'lookup' (none: prompt lookup drafts alone), or None (the shipped
     drafter trained for this target; prompt lookup alone where none is). `draft_vocab`: tokens the drafter's head
     scores (0: all; None: the drafter's own setting).
@@ -85,7 +85,7 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
     if block_size is not None and precision in ("fp32", "gguf"):
         fix = {"fp32": "add --precision int8 or int4, or drop it", "gguf": "gguf keeps the file's blocks; drop it"}
         raise DovetailError(f"--block-size applies to int8 and int4 targets, not {precision}: {fix[precision]}")
-    tree = tree or (EXPORT_QUANTIZED_TREE if VERIFY[precision] == "chain" else EXPORT_TREE)
+    tree = tree or export_tree(VERIFY[precision])
     console = console or Console(stderr=True)
     started = time.perf_counter()
     # --precision gguf reads the target's GGUF file (joined from its parts) until its blocks are in the graph.
@@ -102,11 +102,11 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
             status.update(f"building target.onnx ({precision}) and checking it")
             target_graph = export_target(model, tokenizer, out / "target.onnx", precision, block_size, gguf)
             drafting = draft or draft_model is not None
-            # The stored tree is for the best graph the artifact has: where no graph verifies trees, or prompt
-            # lookup alone drafts (a copy is a chain), a chain.
-            if (target_graph.kernel_verify or target_graph.verify) == "chain" or not drafting:
-                depth = tree.depth if drafting else lookup_depth
-                tree = replace(tree, top_k=1, depth=depth, total_tokens=min(tree.total_tokens, depth + 1))
+            # The stored tree is for the best graph the artifact has: a chain where no graph verifies trees, or
+            # where prompt lookup alone drafts (a copy is a chain).
+            if not drafting:
+                tree = replace(tree, depth=lookup_depth).on("chain")
+            tree = tree.on(target_graph.kernel_verify or target_graph.verify)
             for stale in ("drafter.onnx", "drafter.onnx.data", "drafter.int8.onnx", "drafter.int8.onnx.data",
                           "draft.onnx", "draft.onnx.data", "draft.rows.onnx"):
                 (out / stale).unlink(missing_ok=True)

@@ -106,6 +106,18 @@ EXPORT_TREE = TreeSettings(min_prob=0.4)
 EXPORT_QUANTIZED_TREE = TreeSettings(top_k=3, depth=3, total_tokens=4, min_prob=0.4)
 
 
+def export_tree(verify: str, top_k: int | None = None, depth: int | None = None, total_tokens: int | None = None,
+                min_prob: float | None = None) -> TreeSettings:
+    """The tree `export` stores for a target whose ONNX Runtime graph verifies `verify` shapes, the values given
+    kept: EXPORT_TREE's, or for a quantized target ("chain") EXPORT_QUANTIZED_TREE's with a chain of its depth's
+    rows."""
+    base = EXPORT_QUANTIZED_TREE if verify == "chain" else EXPORT_TREE
+    depth = depth or base.depth
+    rows = depth + 1 if verify == "chain" else base.total_tokens
+    return TreeSettings(top_k or base.top_k, depth, total_tokens or rows,
+                        base.min_prob if min_prob is None else min_prob)
+
+
 def _file_name(name: str) -> str:
     """Files live in the artifact folder itself: a path would let a manifest point anywhere."""
     if not name or name in (".", "..") or "/" in name or "\\" in name:

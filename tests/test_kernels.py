@@ -226,11 +226,16 @@ def test_a_kernel_graph_exported_before_its_trees_were_checked_says_re_export(qu
     to get trees."""
     from clirun import edited_artifact
 
+    source = quantized["int4"].manifest.folder
+    wide = edited_artifact(source, tmp_path / "wide", lambda raw: raw["target"].pop("kernel_verify"))
+    with pytest.raises(DovetailError, match=r"field 'tree': top_k must be 1 for this target here, got 3"):
+        Model(wide, draft_device="cpu", threads=1)  # a branching default with no graph that verifies trees
+
     def old(raw: dict) -> None:  # such an export stored a chain as its default
         raw["target"].pop("kernel_verify")
         raw["tree"].update(top_k=1, total_tokens=min(raw["tree"]["total_tokens"], raw["tree"]["depth"] + 1))
 
-    folder = edited_artifact(quantized["int4"].manifest.folder, tmp_path / "old", old)
+    folder = edited_artifact(source, tmp_path / "old", old)
     model = Model(folder, draft_device="cpu", threads=1)
     assert model.target.graph.name == "target.rows.onnx" and model.target.verify == "chain"
     with pytest.raises(DovetailError, match=r"^--top-k must be 1 for this target here, got 3: its kernel graph was "
