@@ -59,7 +59,8 @@ def default_name(target: str) -> str:
 @click.option("--draft-vocab", type=click.IntRange(min=0), default=None,
               help="Tokens the drafter head scores, most frequent first; 0 = all [default: the drafter's setting].")
 @click.option("--cpu-drafter/--no-cpu-drafter", default=True, show_default=True,
-              help="Also write an int8 drafter (ONNX Runtime dynamic quantization) for when it runs on a CPU.")
+              help="Also write a 4-bit drafter (MatMulNBits, and the same on dovetail's row kernel) for when it "
+                   "runs on a CPU.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Target weights: fp32, int8/int4 MatMulNBits, or gguf: a GGUF target's own quantized blocks "
                    "(Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) unchanged. A quantized target is its own model: speculative "

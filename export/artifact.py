@@ -11,7 +11,7 @@ from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dovetail_onnx.export.drafter import Drafter, load_drafter, random_drafter, target_fingerprint, target_source
-from dovetail_onnx.export.drafter_export import export_drafter, quantize_int8
+from dovetail_onnx.export.drafter_export import CPU_FILE, CPU_KERNEL_FILE, export_cpu_drafter, export_drafter
 from dovetail_onnx.export.load import EMBEDDED, gguf_file, load_target
 from dovetail_onnx.export.target import VERIFY, export_target
 from dovetail_onnx.runtime.errors import DovetailError
@@ -34,11 +34,12 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[
 
 def build_manifest(model, tokenizer, target: GraphSpec, drafter: Drafter | None, tree: TreeSettings,
                    draft_vocab: int, cpu_drafter: bool, folder: Path, draft_model: GraphSpec | None = None,
-                   draft_context: int | None = None) -> dict:
+                   draft_context: int | None = None, drafter_kernel_file: str | None = None) -> dict:
     c, d = model.config, drafter and drafter.config
-    graphs = ["target.onnx"] + (["drafter.onnx"] + (["drafter.int8.onnx"] if cpu_drafter else [])) * bool(drafter)
+    graphs = ["target.onnx"] + (["drafter.onnx"] + ([CPU_FILE] if cpu_drafter else [])) * bool(drafter)
     graphs += [draft_model.file] if draft_model else []
     kernel_files = [spec.kernel_file for spec in (target, draft_model) if spec and spec.kernel_file]
+    kernel_files += [drafter_kernel_file] if drafter_kernel_file else []
     files = [f for g in graphs for f in (g, g + ".data")] + kernel_files + ["tokenizer.json"]
     return {
         "format_version": FORMAT_VERSION,
@@ -46,7 +47,8 @@ def build_manifest(model, tokenizer, target: GraphSpec, drafter: Drafter | None,
         "draft_model": draft_model and draft_model.model_dump(exclude_none=True),
         "drafter": d and {"file": "drafter.onnx", "num_layers": d.num_layers, "kv_heads": d.num_key_value_heads,
                           "kv_width": d.num_key_value_heads * d.head_dim, "hidden_size": d.hidden_size,
-                          "vocab_size": d.vocab_size, "cpu_file": "drafter.int8.onnx" if cpu_drafter else None},
+                          "vocab_size": d.vocab_size, "cpu_file": CPU_FILE if cpu_drafter else None,
+                          "kernel_file": drafter_kernel_file},
         "max_top_k": MAX_TOP_K,
         "fusion": d and d.fusion,
         "draft_vocab_size": draft_vocab or c.vocab_size,
@@ -68,13 +70,13 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
                     cpu_drafter: bool = True, precision: str = "fp32", console: Console | None = None,
                     block_size: int | None = None, lookup_depth: int = LOOKUP_DEPTH,
                     draft_model: str | Path | None = None) -> dict:
-    """Write target.onnx, drafter.onnx (+ drafter.int8.onnx), tokenizer files and dovetail.json into `out`.
+    """Write target.onnx, drafter.onnx (+ the CPU drafter), tokenizer files and dovetail.json into `out`.
 
     `tree`: the default draft tree (None: `export_tree`'s for `precision`).
     `drafter`: a drafter folder or file, 'random', 'lookup' (none: prompt lookup drafts alone), or None (the shipped
     drafter trained for this target; prompt lookup alone where none is). `draft_vocab`: tokens the drafter's head
     scores (0: all; None: the drafter's own setting).
-    `cpu_drafter`: also write the int8 drafter the runtime uses when the drafter runs on a CPU.
+    `cpu_drafter`: also write the 4-bit drafter the runtime uses when the drafter runs on a CPU (`quantize_int4`).
     `precision`: the target's weights, fp32, int8, int4 or gguf (see export/target.py); `block_size`: an int8 or
     int4 target's weights per scale. `lookup_depth`: the default chain when prompt lookup drafts alone.
     `draft_model`: a standalone small LM of the target's tokenizer (a Hugging Face folder, a .gguf file or an
@@ -108,9 +110,10 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
                 tree = replace(tree, depth=lookup_depth).on("chain")
             tree = tree.on(target_graph.kernel_verify or target_graph.verify)
             for stale in ("drafter.onnx", "drafter.onnx.data", "drafter.int8.onnx", "drafter.int8.onnx.data",
-                          "draft.onnx", "draft.onnx.data", "draft.rows.onnx"):
+                          CPU_FILE, f"{CPU_FILE}.data", CPU_KERNEL_FILE, "draft.onnx", "draft.onnx.data",
+                          "draft.rows.onnx"):
                 (out / stale).unlink(missing_ok=True)
-            draft_graph, draft_context = None, None
+            draft_graph, draft_context, drafter_kernel_file = None, None, None
             if draft_model is not None:
                 status.update("building draft.onnx (the draft model) and checking it")
                 draft_graph, draft_context = export_draft_model(draft_model, model, tokenizer, out / "draft.onnx",
@@ -118,14 +121,14 @@ def export_artifact(target: str | Path, out: Path, drafter: str | None, drafter_
             if draft:
                 status.update("exporting drafter.onnx")
                 draft_vocab = draft.config.draft_vocab_size if draft_vocab is None else draft_vocab
-                export_drafter(draft, out / "drafter.onnx", MAX_TOP_K, draft_vocab)
+                feeds = export_drafter(draft, out / "drafter.onnx", MAX_TOP_K, draft_vocab)
                 if cpu_drafter:
-                    status.update("quantizing the CPU drafter (int8)")
-                    quantize_int8(out / "drafter.onnx", out / "drafter.int8.onnx")
+                    status.update("quantizing the CPU drafter (4 bits)")
+                    drafter_kernel_file = export_cpu_drafter(out / "drafter.onnx", feeds)
             status.update("writing tokenizer and manifest")
             tokenizer.save_pretrained(out)
             manifest = build_manifest(model, tokenizer, target_graph, draft, tree, draft_vocab, cpu_drafter, out,
-                                      draft_graph, draft_context)
+                                      draft_graph, draft_context, drafter_kernel_file)
             partial = out / f"{MANIFEST}.partial"
             partial.write_text(json.dumps(manifest, indent=2) + "\n")
             partial.replace(out / MANIFEST)

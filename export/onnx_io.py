@@ -24,7 +24,11 @@ def export_graph(module: torch.nn.Module, example: tuple, path: Path, **kwargs) 
                     location=path.name + ".data", size_threshold=1024)
 
 
-def run_graph(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def run_graph(path: Path, feeds: dict[str, np.ndarray], libraries: tuple[Path, ...] = ()) -> dict[str, np.ndarray]:
+    """All outputs of the graph at `path` on the CPU; `libraries`: custom-op libraries it needs."""
+    options = ort.SessionOptions()
+    for library in libraries:
+        options.register_custom_ops_library(str(library))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))

@@ -8,12 +8,15 @@ target's feature of token i with token i + 1, so it depends on tokens [0, i + 1]
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
+from onnxruntime import InferenceSession
 
 from dovetail_onnx.runtime.buffers import PREFILL_CHUNK, Buffer, KVCache
+from dovetail_onnx.runtime.kernels import rows_library
 from dovetail_onnx.runtime.manifest import Manifest, TreeSettings
-from dovetail_onnx.runtime.sessions import check_io, open_session
+from dovetail_onnx.runtime.sessions import check_io, open_session, wants_cuda
 from dovetail_onnx.runtime.tree import Tree, additive, causal
 
 
@@ -25,13 +28,7 @@ class Drafter:
     def __init__(self, manifest: Manifest, device: str, threads: int | None):
         self.spec = manifest.drafter
         self.max_top_k = manifest.max_top_k
-        cpu_file = self.spec.cpu_file
-        self.graph = cpu_file if device == "cpu" and cpu_file else self.spec.file
-        self.session, self.device = open_session(manifest.folder / self.graph, device, threads, "drafter", spin=False)
-        if self.device == "cpu" and cpu_file and self.graph != cpu_file:
-            self.graph = cpu_file  # no usable GPU: the int8 graph drafts faster on a CPU
-            self.session, self.device = open_session(manifest.folder / self.graph, "cpu", threads, "drafter",
-                                                     spin=False)
+        self.session, self.device = self._open(manifest.folder, device, threads)
         spec, top_k = self.spec, self.max_top_k
         kv = {name: {-1: spec.kv_width} for name in KVCache.names(spec.num_layers, "past")}
         new_kv = {name: {-1: spec.kv_width} for name in KVCache.names(spec.num_layers, "new")}
@@ -41,6 +38,20 @@ class Drafter:
                  {"out_hidden": {-1: spec.hidden_size}, "topk_ids": {-1: top_k}, "topk_logprobs": {-1: top_k}, **new_kv})
         self.kv: KVCache | None = None
         self.forwards = 0  # drafter forwards so far (bench --profile divides drafting time by them)
+
+    def _open(self, folder: Path, device: str, threads: int | None) -> tuple[InferenceSession, str]:
+        """The fp32 graph on CUDA; on a CPU the quantized one (`cpu_file`, drafting faster there), on dovetail's row
+        kernel where the artifact has that graph and the kernels build."""
+        spec = self.spec
+        if wants_cuda(device) or not spec.cpu_file:
+            self.graph = spec.file
+            session, used = open_session(folder / self.graph, device, threads, "drafter", spin=False)
+            if used == "cuda" or not spec.cpu_file:
+                return session, used
+        library = rows_library()[0] if spec.kernel_file else None
+        self.graph = spec.kernel_file if library else spec.cpu_file
+        return open_session(folder / self.graph, "cpu", threads, "drafter", spin=False,
+                            libraries=(library,) if library else ())
 
     @property
     def cached(self) -> int:

@@ -256,8 +256,8 @@ def _speculative(model: Model, prompt: np.ndarray, params: GeneratorParams, stat
     target, drafter, tree_settings, sampling = model.target, model.drafter, params.tree, params.sampling
     rng = np.random.default_rng(sampling.seed)
     capacity = len(prompt) + params.max_new_tokens + tree_settings.total_tokens
-    # A seed's draws follow the drafter's trees, and the int8 drafter's rows depend on the rows computed in the same
-    # call: kept rows could change the draws, so sampling starts cold and a seed always repeats its output.
+    # A seed's draws follow the drafter's trees, and a quantized drafter's row may depend on the rows computed in the
+    # same call: kept rows could change the draws, so sampling starts cold and a seed always repeats its output.
     caches = [target.cached, drafter.cached] if drafter else [target.cached]
     keep = _reusable(model, prompt, caches) if sampling.greedy else 0
     target.start(capacity, tree_settings.total_tokens, keep)

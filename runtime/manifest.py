@@ -146,8 +146,10 @@ class GraphSpec(BaseModel):
     kernel_verify: Literal["tree", "chain"] | None = None  # target only: the same on `kernel_file` (None: `verify`)
     block_size: Positive | None = None  # quantized weights per scale (export --block-size); for the record only
     row_step: Literal[1, 2, 4] = 1  # the exact row multiple the exporting CPU needed (each CPU checks its own)
-    cpu_file: FileName | None = None  # drafter only: the int8 graph to use when it runs on a CPU
-    kernel_file: FileName | None = None  # target only: the same graph on dovetail's kernels (runtime/kernels.py)
+    cpu_file: FileName | None = None  # drafter only: the quantized graph to use when it runs on a CPU
+    # The same graph on dovetail's kernels (runtime/kernels.py): of `file` for a target or draft model, of `cpu_file`
+    # for a drafter.
+    kernel_file: FileName | None = None
     sliding_window: Positive | None = None  # keys a windowed attention node sees: `attention_bias_local` masks them
 
     @model_validator(mode="after")
@@ -204,7 +206,7 @@ class Manifest(BaseModel):
 
     @property
     def graph_files(self) -> list[str]:
-        drafter = (self.drafter.file, self.drafter.cpu_file) if self.drafter else ()
+        drafter = (self.drafter.file, self.drafter.cpu_file, self.drafter.kernel_file) if self.drafter else ()
         draft_model = (self.draft_model.file, self.draft_model.kernel_file) if self.draft_model else ()
         return [f for f in (self.target.file, self.target.kernel_file, *drafter, *draft_model) if f]
 

@@ -68,15 +68,16 @@ def test_stops_at_eos_like_transformers(mode, models):
 
 
 def test_cpu_drafter_with_truncated_vocabulary_stays_lossless(hf_dirs, tmp_path, references):
-    """The int8 CPU drafter whose head scores 40 tokens proposes only those ids; the output is still the target's."""
+    """The 4-bit CPU drafter whose head scores 40 tokens proposes only those ids; the output is still the target's."""
     from rich.console import Console
 
     from dovetail_onnx.export.artifact import export_artifact
     from dovetail_onnx.runtime import Model
+    from dovetail_onnx.runtime.kernels import rows_library
 
     export_artifact(hf_dirs["llama"], tmp_path / "a", "random", 1, draft_vocab=40, console=Console(quiet=True))
     model = Model(tmp_path / "a", draft_device="cpu")
-    assert model.drafter.graph == "drafter.int8.onnx"
+    assert model.drafter.graph == ("drafter.int4.rows.onnx" if rows_library()[0] else "drafter.int4.onnx")
     prompt = model.encode_prompt("small head", raw=True)
     model.drafter = Recording(model.drafter)
     tokens, _ = generate(model, prompt, GeneratorParams(max_new_tokens=40, stop_at_eos=False, lookup=False))

@@ -72,7 +72,7 @@ def test_reuse_grows_the_caches_when_a_turn_needs_more_room(model):
 @pytest.mark.parametrize("mode", MODES)
 def test_a_seed_repeats_whatever_the_caches_hold(model, mode):
     """Target-only sampling reuses the caches; speculative sampling starts cold (its draws follow the drafter's
-    trees, which kept int8 drafter rows could change)."""
+    trees, which kept rows of the quantized drafter could change)."""
     params = GeneratorParams(max_new_tokens=24, mode=mode, stop_at_eos=False,
                              sampling=SamplingParams(0.8, 0.9, 0, seed=3))
     prompt = model.encode_prompt("sample me", raw=True)
