@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from dovetail_onnx.export.drafter import GROUP, Drafter
+from dovetail_onnx.export.gguf import Blocks, set_blocks
 from dovetail_onnx.export.modules import causal_mask
 from dovetail_onnx.export.onnx_io import export_graph, run_graph
 from dovetail_onnx.export.target import write_rows_graph
@@ -83,15 +84,16 @@ def quantize_int4(source: Path, target: Path) -> None:
             continue
         k, n = weights.dims
         groups = numpy_helper.to_array(weights).T.reshape(n, k // GROUP, GROUP)
-        scale = np.maximum(np.abs(groups).max(axis=2, keepdims=True) / 7, np.finfo(np.float32).tiny)
-        q = (np.clip(np.round(groups / scale), -7, 7) + 8).astype(np.uint8)
+        scales = np.maximum(np.abs(groups).max(axis=2) / 7, np.finfo(np.float32).tiny).astype(np.float32)
+        q = (np.clip(np.round(groups / scales[..., None]), -7, 7) + 8).astype(np.uint8).reshape(n, k)
         name = f"{weights.name}.int4"
-        graph.initializer.extend([numpy_helper.from_array(q[..., 0::2] | q[..., 1::2] << 4, name),
-                                  numpy_helper.from_array(scale.reshape(-1).astype(np.float32), f"{name}.scales")])
+        quantized = helper.make_node("MatMulNBits", [node.input[0], name, f"{name}.scales"], list(node.output),
+                                     name=f"{node.name}.int4", domain="com.microsoft", K=k, N=n, bits=4,
+                                     block_size=GROUP, accuracy_level=4)
+        set_blocks(quantized, Blocks(q, scales, None, 4, GROUP),
+                   {i: graph.initializer.add(name=i) for i in quantized.input[1:]}, graph)
         replaced.add(weights.name)
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], name, f"{name}.scales"], list(node.output),
-                                      name=f"{node.name}.int4", domain="com.microsoft", K=k, N=n, bits=4,
-                                      block_size=GROUP, accuracy_level=4))
+        nodes.append(quantized)
     del graph.node[:]
     graph.node.extend(nodes)
     kept = [t for t in graph.initializer if t.name not in replaced]
