@@ -5,13 +5,17 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
 from dovetail_onnx.export.artifact import export_artifact
 from dovetail_onnx.export.drafter import pack_int4, unpack_int8
+from dovetail_onnx.export import drafter_export
 from dovetail_onnx.export.drafter_export import quantize_int4
+from dovetail_onnx.runtime.errors import DovetailError
+from dovetail_onnx.runtime.kernels import rows_library
 from dovetail_onnx.runtime.manifest import load_manifest
 
 
@@ -52,3 +56,19 @@ def test_cpu_drafter_keeps_weights_stored_in_int4_exactly(tmp_path):
     assert np.array_equal(weights("a"), on_grid)
     step = np.abs(off_grid).reshape(2, 32, 32).max(axis=1) / 7
     assert (np.abs(weights("b") - off_grid).reshape(2, 32, 32) <= step[:, None] / 2 * 1.0001).all()
+
+
+def test_a_row_kernel_drafter_that_disagrees_stops_the_export_in_one_line(hf_dirs, tmp_path, monkeypatch):
+    """The CPU drafter on dovetail's row kernel is checked against it on ONNX Runtime's MatMulNBits."""
+    if not rows_library()[0]:
+        pytest.skip("dovetail's kernels do not build here")
+    run_graph = drafter_export.run_graph
+
+    def off_on_the_kernel(path, feeds, libraries=()):
+        out = run_graph(path, feeds, libraries)
+        return {**out, "topk_logprobs": out["topk_logprobs"] + 1} if libraries else out
+
+    monkeypatch.setattr(drafter_export, "run_graph", off_on_the_kernel)
+    with pytest.raises(DovetailError, match=r"^the CPU drafter on dovetail's row kernel disagrees .*; report the CPU"):
+        export_artifact(hf_dirs["llama"], tmp_path / "a", "random", 1, console=Console(quiet=True))
+    assert not (tmp_path / "a" / "dovetail.json").exists()
